@@ -1,0 +1,138 @@
+"""The Python entry point: `LLM(model=...)`, then `generate`, `chat` or `stream`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from sluice.config import EngineConfig
+from sluice.engine.engine import Engine
+from sluice.engine.output import RequestOutput
+from sluice.engine.request import TokenLogprob
+from sluice.sampling_params import SamplingParams
+
+Message = dict[str, object]
+Prompt = str | list[int]
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    outputs: list[Completion]
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        completion = self.outputs[out.index]
+        completion.text += out.new_text
+        completion.token_ids += out.new_token_ids
+        completion.logprobs += out.logprobs
+        if out.finished:
+            completion.finish_reason = out.finish_reason.value
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **options: object) -> None:
+        """`options` are EngineConfig.create's: device, dtype, max_model_len, page_size, ..."""
+        self._attach(Engine(EngineConfig.create(model, **options)))
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: bool = False,
+    ) -> list[GenerationResult]:
+        """Run a batch to completion; results come back in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params_list = _broadcast(params, len(prompts))
+        results = {}
+        for prompt, p in zip(prompts, params_list):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt, p)
+            results[request_id] = GenerationResult(request_id, [Completion(i) for i in range(p.n)])
+        bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                results[out.request_id].add(out)
+                bar.update(out.finished and _all_finished(results[out.request_id]))
+        bar.close()
+        return list(results.values())
+
+    def chat(
+        self,
+        conversations: list[Message] | list[list[Message]],
+        params: SamplingParams | None = None,
+    ) -> list[GenerationResult]:
+        """One conversation (a list of messages) or several; answers the last message of each."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.chat_prompt(messages) for messages in conversations]
+        return self.generate(prompts, params)
+
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already writes any BOS it wants; do not add a second one.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield each step's output for one prompt as it is produced."""
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, prompt, params or SamplingParams())
+        remaining = (params or SamplingParams()).n
+        try:
+            while remaining:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        remaining -= out.finished
+                        yield out
+        finally:
+            self.engine.abort_request(request_id)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _broadcast(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * count
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+    return list(params)
+
+
+def _all_finished(result: GenerationResult) -> bool:
+    return all(c.finish_reason is not None for c in result.outputs)

@@ -1,0 +1,137 @@
+"""`sluice generate | chat | serve | bench ...`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sluice.loaders.model_path import DEFAULT_MODEL
+from sluice.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--page-size", type=int, default=16)
+    group.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    group.add_argument("--max-num-batched-tokens", type=int, default=512)
+    group.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        page_size=args.page_size,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--stop", action="append", default=[])
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sluice.api import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    for out in llm.stream(args.prompt, sampling_params(args)):
+        print(out.new_text, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sluice.api import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    params = sampling_params(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.once] if args.once else _read_turns()
+    for user_text in turns:
+        messages.append({"role": "user", "content": user_text})
+        if args.once:
+            print(f"> {user_text}")
+        reply = "".join(_print_stream(llm.stream(llm.chat_prompt(messages), params)))
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def _read_turns():
+    print("sluice chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+def _print_stream(outputs):
+    for out in outputs:
+        print(out.new_text, end="", flush=True)
+        yield out.new_text
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt, streaming")
+    gen.add_argument("prompt")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--once", default=None, help="answer this one message and exit")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

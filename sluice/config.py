@@ -1,0 +1,123 @@
+"""Engine, model, cache and scheduler settings: plain dataclasses, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling of rotary embeddings (`rope_type == "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, read from GGUF metadata or an HF config.json."""
+
+    architecture: str  # "llama" or "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qk_norm: bool = False  # Qwen3 normalises q and k per head before rotary
+    rope_scaling: RopeScaling | None = None
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV pool: `page_size` tokens a page, as many pages as the memory budget holds."""
+
+    page_size: int = 16
+    memory_budget_bytes: int = 1 << 30
+    num_pages: int | None = None  # overrides the budget (tests force small pools with it)
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step limits: the token budget makes chunked prefill the same rule as decode."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # alias, .gguf path or HF folder; None: the default model
+    device: str = "auto"  # auto, cpu, cuda
+    dtype: str = "auto"  # auto, float32, bfloat16
+    max_model_len: int | None = None  # None: the model's own context length
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def create(
+        cls,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        page_size: int = 16,
+        kv_cache_memory_gb: float = 2.0,
+        num_pages: int | None = None,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+    ) -> EngineConfig:
+        """The flat keyword form used by `LLM(...)` and the command line."""
+        return cls(
+            model=model,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            cache=CacheConfig(page_size, int(kv_cache_memory_gb * (1 << 30)), num_pages),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+        )
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        return resolve_dtype(self.dtype, device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        accelerator = (
+            torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        )
+        return accelerator or torch.device("cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in choices:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return choices[name]

@@ -1,0 +1,125 @@
+"""Runs the engine in a thread of its own and hands each request's outputs to asyncio callers.
+
+The event loop never waits on a model step: callers submit commands through a thread-safe
+queue, the engine thread steps while there is work, and each output is posted back into the
+caller's asyncio.Queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from sluice.engine.engine import Engine
+from sluice.engine.output import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue  # RequestOutput items, or an Exception that ends the stream
+    remaining: int  # samples not yet finished
+
+    def post(self, item: RequestOutput | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sluice-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._subscribers)
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate (raising InvalidParameterError here, before anything is queued), then stream."""
+        self._check_alive()
+        params.validate()
+        prompt_ids = self.engine.encode_prompt(prompt)
+        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        self._subscribers[request_id] = subscriber
+        self._commands.put(lambda: self._add(request_id, prompt_ids, params))
+        try:
+            while subscriber.remaining:
+                item = await subscriber.outputs.get()
+                if isinstance(item, Exception):
+                    raise item
+                subscriber.remaining -= item.finished
+                yield item
+        finally:
+            if subscriber.remaining:  # the caller went away (disconnect, cancel): free its pages
+                self.abort(request_id)
+            self._subscribers.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self._deliver(self.engine.abort_request(request_id)))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(lambda: None)  # wake the thread if it waits for work
+        self._thread.join(timeout)
+
+    def _check_alive(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine has stopped: {self._error!r}")
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+        except BaseException as exc:  # a bug in a step: fail every caller rather than hang them
+            logger.exception("engine step failed")
+            self._error = exc
+            for subscriber in list(self._subscribers.values()):
+                subscriber.post(EngineDeadError(f"the engine failed: {exc!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block)
+            while True:
+                command()
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except Exception as exc:  # e.g. a duplicate id: that caller's error, not the engine's
+            subscriber = self._subscribers.get(request_id)
+            if subscriber is not None:
+                subscriber.post(exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            subscriber = self._subscribers.get(out.request_id)
+            if subscriber is not None:
+                subscriber.post(out)

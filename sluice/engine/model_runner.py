@@ -1,0 +1,110 @@
+"""Turns a scheduled batch into flat tensors, runs the model, samples the rows that finish a step."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from sluice.config import ModelConfig
+from sluice.engine.request import Request, TokenLogprob
+from sluice.engine.scheduler import ScheduledBatch
+from sluice.layers.attention import AttentionMetadata
+from sluice.layers.sampler import Sampler, SamplingBatch
+from sluice.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class SampledToken:
+    request: Request
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return per_token * page_size * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_pages: int,
+        page_size: int,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.page_size = page_size
+        self.sampler = Sampler()
+        self._allocate_kv_cache(num_pages, dtype)
+
+    def _allocate_kv_cache(self, num_pages: int, dtype: torch.dtype) -> None:
+        config = self.model.config
+        shape = (num_pages, self.page_size, config.num_kv_heads, config.head_dim)
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        input_ids, meta = self._prepare_inputs(batch)
+        hidden = self.model(input_ids, meta)
+        to_sample = [
+            (row, req)
+            for row, (req, n) in enumerate(zip(batch.requests, batch.num_tokens))
+            if req.num_computed_tokens + n == req.num_tokens
+        ]
+        if not to_sample:
+            return []
+        last_token_rows = list(itertools.accumulate(batch.num_tokens))
+        rows = torch.tensor([last_token_rows[row] - 1 for row, _ in to_sample], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        return self._sample(logits, [req for _, req in to_sample])
+
+    def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttentionMetadata]:
+        token_ids: list[int] = []
+        for req, n in zip(batch.requests, batch.num_tokens):
+            token_ids.extend(req.token_ids(req.num_computed_tokens, req.num_computed_tokens + n))
+        meta = AttentionMetadata.build(
+            query_lens=batch.num_tokens,
+            context_lens=[req.num_computed_tokens for req in batch.requests],
+            page_tables=[req.page_ids for req in batch.requests],
+            page_size=self.page_size,
+            device=self.device,
+        )
+        return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
+        sampling = SamplingBatch.build(
+            params=[r.params for r in requests],
+            generators=[r.generator for r in requests],
+            prompt_ids=[r.prompt_token_ids for r in requests],
+            output_ids=[r.output_token_ids for r in requests],
+            device=self.device,
+        )
+        out = self.sampler(logits, sampling)
+        token_ids = out.token_ids.tolist()
+        logprobs = (
+            _token_logprobs(out, requests) if out.logprobs is not None else [None] * len(requests)
+        )
+        return [SampledToken(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]
+
+
+def _token_logprobs(out, requests: list[Request]) -> list[TokenLogprob | None]:
+    chosen = out.logprobs.tolist()
+    top_ids, top_values = out.top_logprob_ids.tolist(), out.top_logprobs.tolist()
+    result: list[TokenLogprob | None] = []
+    for i, req in enumerate(requests):
+        k = req.params.logprobs
+        if k is None:
+            result.append(None)
+            continue
+        token_id = int(out.token_ids[i])
+        result.append(
+            TokenLogprob(token_id, chosen[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+        )
+    return result

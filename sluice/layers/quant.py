@@ -1,0 +1,325 @@
+"""Weight-only quantized matmul that keeps GGUF weights compact in memory.
+
+Every format here is stored in PyTorch's CPU int4pack layout and multiplied with
+`aten._weight_int4pack_mm_for_cpu`, which computes, for 4-bit codes c in 0..15 and one bf16
+(scale, zero) pair per group of inputs, W = (c - 8) * scale + zero. Any weight that is an integer q
+times a per-group scale plus a per-group offset maps onto it:
+
+- 4-bit formats (Q4_0, Q4_1, Q4_K, `quantize(..., "int4")`) are one plane of codes;
+- 5- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q8_0, `quantize(..., "int8")`) split q = 16 * hi + lo into
+  two planes laid side by side along the input axis, with x repeated once per plane, so one kernel
+  call still computes the whole product.
+
+The representation is exact except that scales and zeros are rounded to bf16 (the kernel's only
+fast path is bf16), an error of the same size as the bf16 rounding of activations and outputs.
+Q6_K (one scale per 16 weights, below the kernel's smallest group of 32) and other types have no
+exact mapping; `from_gguf_blocks` returns None for them and the caller dequantizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor
+
+QType = gguf.GGMLQuantizationType
+
+# Every GGUF format above has one scale and offset per 32 weights.
+GGUF_GROUP_SIZE = 32
+# The int4pack kernels take only these group sizes.
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+# The CPU packer wants the number of output rows to be a multiple of 16.
+_ROW_MULTIPLE = 16
+# Packing goes through a temporary int32 copy of the codes; a multiple of 64 rows per chunk keeps
+# the packed chunks concatenable (the packer lays rows out in blocks of at most 64).
+_PACK_CHUNK_ROWS = 4096
+
+
+class QuantizedWeight(torch.nn.Module):
+    """A weight of shape [out_features, in_features] kept compressed; `matmul` computes x @ W.T."""
+
+    out_features: int
+    in_features: int
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """[..., in_features] -> [..., out_features], in x's dtype."""
+        raise NotImplementedError
+
+    def dequantize(self) -> Tensor:
+        """The weight as the kernel sees it, [out_features, in_features] float32."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
+
+class Int4PackedWeight(QuantizedWeight):
+    """W = sum over planes of (code - 8) * scale + zero, planes side by side along the inputs.
+
+    Built from codes [out, planes * in] (0..15) and float scales/zeros [out, planes * in / group].
+    CPU only: the packed layout is specific to the CPU kernels.
+    """
+
+    def __init__(
+        self, codes: Tensor, scales: Tensor, zeros: Tensor, in_features: int, group_size: int
+    ) -> None:
+        super().__init__()
+        self.out_features = codes.shape[0]
+        self.in_features = in_features
+        self.planes = codes.shape[1] // in_features
+        self.group_size = group_size
+        rows = -(-self.out_features // _ROW_MULTIPLE) * _ROW_MULTIPLE
+        pad = rows - self.out_features
+        # Padding rows get code 8 with zero scale and zero: weight 0, sliced off the output.
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad), value=8)
+        scales = torch.nn.functional.pad(scales.float(), (0, 0, 0, pad))
+        zeros = torch.nn.functional.pad(zeros.float(), (0, 0, 0, pad))
+        self.register_buffer("packed", _pack_codes(codes), persistent=False)
+        scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+        # Kept as the int16 bit pattern so that Module.to(dtype) leaves it bf16, as the kernel needs.
+        self.register_buffer(
+            "scales_and_zeros_bits", scales_and_zeros.view(torch.int16), persistent=False
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"out_features={self.out_features}, in_features={self.in_features}, "
+            f"planes={self.planes}, group_size={self.group_size}"
+        )
+
+    def matmul(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = rows.repeat(1, self.planes) if self.planes > 1 else rows.contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_and_zeros_bits.view(torch.bfloat16)
+        )
+        out = out[:, : self.out_features].to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> Tensor:
+        scales_and_zeros = self.scales_and_zeros_bits.view(torch.bfloat16).float()
+        scales = scales_and_zeros[..., 0].T.repeat_interleave(self.group_size, dim=1)
+        zeros = scales_and_zeros[..., 1].T.repeat_interleave(self.group_size, dim=1)
+        # (code - 8) * scale is exact in fp32, so this rounds once, like the kernel's fused multiply-add.
+        per_plane = torch.addcmul(zeros, self._centered_codes(), scales)
+        per_plane = per_plane[: self.out_features].view(self.out_features, self.planes, -1)
+        return per_plane.sum(dim=1)
+
+    def _centered_codes(self) -> Tensor:
+        """code - 8 for every weight, [padded out, planes * in] float32.
+
+        Read back through the kernel itself, whose packed layout depends on the CPU's vector width:
+        with unit scales and zero zeros, multiplying the identity yields each centred code, exact
+        in bf16.
+        """
+        width = self.planes * self.in_features
+        unit = torch.zeros(*self.scales_and_zeros_bits.shape, dtype=torch.bfloat16)
+        unit[..., 0] = 1
+        identity = torch.eye(width, dtype=torch.bfloat16)
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            identity, self.packed, self.group_size, unit
+        )
+        return codes.T.float()
+
+
+def _pack_codes(codes: Tensor) -> Tensor:
+    chunks = [
+        # inner_k_tiles (the 2) only matters for the CUDA layout; the CPU packer ignores it.
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.to(torch.int32).contiguous(), 2)
+        for chunk in codes.split(_PACK_CHUNK_ROWS)
+    ]
+    return torch.cat(chunks)
+
+
+def _from_affine_groups(
+    q: Tensor, scale: Tensor, offset: Tensor, planes: int, group_size: int
+) -> Int4PackedWeight:
+    """Pack W = q * scale + offset, with q [out, in] integers and scale/offset [out, in / group].
+
+    One plane takes q in 0..15; two planes take q in -128..127 as 16 * (q >> 4) + (q & 15), the
+    high plane with code (q >> 4) + 8 and scale 16 * scale, the low one with code q & 15.
+    """
+    q = q.to(torch.int16)
+    if planes == 1:
+        return Int4PackedWeight(
+            q.to(torch.uint8), scale, offset + 8 * scale, q.shape[1], group_size
+        )
+    codes = torch.cat([(q >> 4) + 8, q & 15], dim=1).to(torch.uint8)
+    scales = torch.cat([16 * scale, scale], dim=1)
+    zeros = torch.cat([torch.zeros_like(offset), offset + 8 * scale], dim=1)
+    return Int4PackedWeight(codes, scales, zeros, q.shape[1], group_size)
+
+
+# --- GGUF blocks -----------------------------------------------------------------------------
+# Each decoder maps raw blocks [n_blocks, type_size] to (q [n_blocks, block_size] integers,
+# scale and offset [n_blocks, block_size / 32] float32) with weight = q * scale + offset.
+_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian float16 bytes [n, 2] -> float32 [n, 1]."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray, run: int) -> np.ndarray:
+    """Each `run` bytes hold `run` elements in their low nibbles, then `run` more in their high ones."""
+    packed = packed.reshape(packed.shape[0], -1, 1, run)
+    both = (packed >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    return both.reshape(packed.shape[0], -1).astype(np.int16)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1: 32 little-endian bits, bit i is the 16s bit of element i."""
+    return np.unpackbits(qh, axis=-1, bitorder="little").astype(np.int16) << 4
+
+
+def _decode_q4_0(blocks: np.ndarray) -> _Decoded:
+    d = _f16(blocks[:, :2])
+    return _nibbles(blocks[:, 2:], 16), d, -8 * d
+
+
+def _decode_q4_1(blocks: np.ndarray) -> _Decoded:
+    return _nibbles(blocks[:, 4:], 16), _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+
+
+def _decode_q5_0(blocks: np.ndarray) -> _Decoded:
+    q = _nibbles(blocks[:, 6:], 16) | _fifth_bits(blocks[:, 2:6])
+    d = _f16(blocks[:, :2])
+    # Centre q (0..31 -> -16..15) instead of offsetting by -16 d, which bf16 may not hold exactly.
+    return q - 16, d, np.zeros_like(d)
+
+
+def _decode_q5_1(blocks: np.ndarray) -> _Decoded:
+    q = _nibbles(blocks[:, 8:], 16) | _fifth_bits(blocks[:, 4:8])
+    return q, _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+
+
+def _decode_q8_0(blocks: np.ndarray) -> _Decoded:
+    d = _f16(blocks[:, :2])
+    return np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.int16), d, np.zeros_like(d)
+
+
+def _k_quant_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K super-block header -> per-32 scale d * sc and offset -dmin * m, [n, 8]."""
+    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    return _f16(blocks[:, :2]) * sc, -_f16(blocks[:, 2:4]) * m
+
+
+def _decode_q4_k(blocks: np.ndarray) -> _Decoded:
+    return _nibbles(blocks[:, 16:], 32), *_k_quant_scales(blocks)
+
+
+def _decode_q5_k(blocks: np.ndarray) -> _Decoded:
+    # Bit j of qh byte i is the 16s bit of element i in sub-block j.
+    qh = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    high = (qh & np.uint8(1)).astype(np.int16).reshape(blocks.shape[0], -1) << 4
+    return _nibbles(blocks[:, 48:], 32) | high, *_k_quant_scales(blocks)
+
+
+# qtype -> (decoder, planes)
+_GGUF_FORMATS: dict[QType, tuple[Callable[[np.ndarray], _Decoded], int]] = {
+    QType.Q4_0: (_decode_q4_0, 1),
+    QType.Q4_1: (_decode_q4_1, 1),
+    QType.Q4_K: (_decode_q4_k, 1),
+    QType.Q5_0: (_decode_q5_0, 2),
+    QType.Q5_1: (_decode_q5_1, 2),
+    QType.Q5_K: (_decode_q5_k, 2),
+    QType.Q8_0: (_decode_q8_0, 2),
+}
+
+
+def from_gguf_blocks(
+    qtype: QType, blocks: np.ndarray, shape: tuple[int, int], device: torch.device | str
+) -> QuantizedWeight | None:
+    """Wrap raw GGUF rows (uint8 [out, bytes_per_row]) of a weight of `shape` = (out, in).
+
+    Returns None where there is no exact kernel for `qtype` on `device`; the caller then
+    dequantizes with gguf.quants.dequantize.
+    """
+    if qtype not in _GGUF_FORMATS or torch.device(device).type != "cpu":
+        return None
+    out_features, in_features = shape
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    expected = (out_features, in_features // block_size * type_size)
+    if in_features % block_size or tuple(blocks.shape) != expected:
+        raise ValueError(
+            f"{qtype.name} weight of shape {shape} needs blocks of shape {expected}, "
+            f"got {tuple(blocks.shape)}"
+        )
+    decode, planes = _GGUF_FORMATS[qtype]
+    q, scale, offset = decode(blocks.reshape(-1, type_size))
+    return _from_affine_groups(
+        torch.from_numpy(q).reshape(shape),
+        torch.from_numpy(scale).reshape(out_features, -1),
+        torch.from_numpy(offset).reshape(out_features, -1),
+        planes,
+        GGUF_GROUP_SIZE,
+    )
+
+
+def concat_rows(blocks: list[np.ndarray]) -> np.ndarray:
+    """Stack raw GGUF rows of weights of the same qtype and input size (fused QKV, gate_up).
+
+    Rows of every GGUF format are quantized independently, so stacked rows are the rows of the
+    stacked weight. Checking that the parts share a qtype is the caller's job.
+    """
+    widths = {part.shape[1:] for part in blocks}
+    if len(widths) != 1:
+        raise ValueError(f"cannot stack GGUF rows of different widths: {sorted(widths)}")
+    return np.concatenate(blocks, axis=0)
+
+
+# --- full-precision checkpoints ----------------------------------------------------------------
+
+
+def quantize(
+    weight: Tensor, mode: Literal["int8", "int4"], group_size: int = 32
+) -> QuantizedWeight:
+    """Quantize a full-precision [out, in] weight, one scale per `group_size` inputs.
+
+    "int4": asymmetric min/max, codes 0..15 (0.625 bytes per weight at group 32).
+    "int8": symmetric, q in -128..127, i.e. Q8_0-like (1.25 bytes per weight at group 32).
+    """
+    if weight.device.type != "cpu":
+        raise NotImplementedError("quantized weights run on the CPU only; keep this one dense")
+    out_features, in_features = weight.shape
+    if group_size not in SUPPORTED_GROUP_SIZES or in_features % group_size:
+        raise ValueError(
+            f"group_size must be one of {SUPPORTED_GROUP_SIZES} and divide in_features "
+            f"({in_features}), got {group_size}"
+        )
+    groups = weight.float().reshape(out_features, -1, group_size)
+    if mode == "int4":
+        q, scale, offset = _quantize_affine_uint4(groups)
+        planes = 1
+    elif mode == "int8":
+        q, scale, offset = _quantize_symmetric_int8(groups)
+        planes = 2
+    else:
+        raise ValueError(f"unknown quantization mode {mode!r}; expected 'int8' or 'int4'")
+    return _from_affine_groups(q.reshape(out_features, -1), scale, offset, planes, group_size)
+
+
+def _bf16(t: Tensor) -> Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _quantize_affine_uint4(groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    # Round scale and zero to bf16 first, so the codes are chosen for the values the kernel uses.
+    scale = _bf16((high - low) / 15)
+    zero = _bf16(low + 8 * scale)
+    safe_scale = torch.where(scale == 0, 1.0, scale)
+    q = torch.round((groups - zero[..., None]) / safe_scale[..., None]) + 8
+    return q.clamp(0, 15), scale, zero - 8 * scale
+
+
+def _quantize_symmetric_int8(groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scale = _bf16(groups.abs().amax(dim=-1) / 127)
+    safe_scale = torch.where(scale == 0, 1.0, scale)
+    q = torch.round(groups / safe_scale[..., None]).clamp(-128, 127)
+    return q, scale, torch.zeros_like(scale)

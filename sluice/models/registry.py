@@ -1,0 +1,62 @@
+"""Build a model from a resolved checkpoint (GGUF file or HF folder): one model code, two loaders."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sluice.config import ModelConfig
+from sluice.layers.rotary import inverse_frequencies
+from sluice.loaders import gguf, safetensors
+from sluice.loaders.tokenizer import Tokenizer
+from sluice.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    start = time.perf_counter()
+    if path.suffix == ".gguf":
+        reader = gguf.open_gguf(path)
+        config = gguf.read_config(reader, path)
+        weights = gguf.read_tensors(reader, config, path)
+        inv_freq = _gguf_inverse_frequencies(reader, config)
+        tokenizer = Tokenizer.from_gguf(reader)
+    else:
+        config = safetensors.read_hf_config(path)
+        weights = safetensors.read_hf_tensors(path)
+        inv_freq = None
+        tokenizer = Tokenizer.from_hf_folder(path)
+    with device:
+        model = MODEL_CLASSES[config.architecture](config, inv_freq)
+    model.load_weights(weights, dtype)
+    model.eval()
+    logger.info(
+        "loaded %s (%s, %s) in %.1fs",
+        path.name,
+        config.architecture,
+        dtype,
+        time.perf_counter() - start,
+    )
+    return LoadedModel(model, config, tokenizer, path)
+
+
+def _gguf_inverse_frequencies(reader, config: ModelConfig) -> torch.Tensor | None:
+    factors = gguf.rope_frequency_factors(reader)
+    if factors is None:
+        return None
+    return inverse_frequencies(config.head_dim, config.rope_theta, None) / factors

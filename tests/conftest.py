@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sluice.api import LLM
+from sluice.config import EngineConfig
+from sluice.engine.engine import Engine
+from sluice.loaders.model_path import resolve_model
+from sluice.models.registry import LoadedModel, load_model
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests share tiny_models.py
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The packaged SmolLM2-135M-Instruct Q4_1 GGUF."""
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def default_model(default_gguf) -> LoadedModel:
+    """Loaded once per session; engines built from it rebind its KV cache."""
+    return load_model(default_gguf, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def make_llm(default_model):
+    """Build LLMs over the shared default model; after the test, every page must be free."""
+    engines: list[Engine] = []
+
+    def make(**options) -> LLM:
+        engine = Engine(EngineConfig.create(**options), loaded=default_model)
+        engines.append(engine)
+        return LLM.from_engine(engine)
+
+    yield make
+    for engine in engines:
+        assert not engine.has_unfinished_requests()
+        assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
