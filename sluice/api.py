@@ -12,6 +12,7 @@ from sluice.config import EngineConfig
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import TokenLogprob
+from sluice.loaders.tokenizer import Tokenizer
 from sluice.sampling_params import SamplingParams
 
 Message = dict[str, object]
@@ -95,9 +96,7 @@ class LLM:
         return self.generate(prompts, params)
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template already writes any BOS it wants; do not add a second one.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None
@@ -114,6 +113,13 @@ class LLM:
                         yield out
         finally:
             self.engine.abort_request(request_id)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
+    """The prompt that asks the model to answer the last of `messages`."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template already writes any BOS it wants; do not add a second one.
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from sluice.loaders.model_path import DEFAULT_MODEL
@@ -15,6 +17,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    group.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="auto: keep GGUF weights quantized where a kernel exists; none: all dense; "
+        "int8/int4: quantize dense weights on load",
+    )
+    group.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--page-size", type=int, default=16)
     group.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
@@ -27,6 +37,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
+        enable_prefix_cache=args.enable_prefix_cache,
         max_model_len=args.max_model_len,
         page_size=args.page_size,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -86,6 +98,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sluice.config import EngineConfig
+    from sluice.engine.async_engine import AsyncEngine
+    from sluice.engine.engine import Engine
+    from sluice.server.openai import ServerSettings, create_app, served_model_name
+
+    engine = AsyncEngine(Engine(EngineConfig.create(**engine_kwargs(args))))
+    settings = ServerSettings(served_model_name(args.model), args.api_key, args.max_queue)
+    config = uvicorn.Config(
+        create_app(engine, settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for its
+    # default effect (death by signal); by then the shutdown is complete, so exit cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
+    print(
+        f"sluice: serving {settings.model_name} at http://{args.host}:{args.port}", file=sys.stderr
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
 def _read_turns():
     print("sluice chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
@@ -122,6 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("SLUICE_API_KEY"),
+        help="require `Authorization: Bearer KEY` on the API (default: $SLUICE_API_KEY, else none)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="answer 503 while this many requests wait for the engine (default: no bound)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
+    )
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from sluice.bench.cli import add_bench_parser  # here: it imports this module
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ class CacheConfig:
     page_size: int = 16
     memory_budget_bytes: int = 1 << 30
     num_pages: int | None = None  # overrides the budget (tests force small pools with it)
+    enable_prefix_cache: bool = True
 
 
 @dataclass
@@ -65,10 +66,17 @@ class EngineConfig:
     model: str | None = None  # alias, .gguf path or HF folder; None: the default model
     device: str = "auto"  # auto, cpu, cuda
     dtype: str = "auto"  # auto, float32, bfloat16
+    quantization: str = "auto"  # auto, none, int8, int4 (see layers/linear.py)
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(
+                f"quantization must be auto, none, int8 or int4, got {self.quantization!r}"
+            )
 
     @classmethod
     def create(
@@ -77,20 +85,25 @@ class EngineConfig:
         *,
         device: str = "auto",
         dtype: str = "auto",
+        quantization: str = "auto",
         max_model_len: int | None = None,
         page_size: int = 16,
         kv_cache_memory_gb: float = 2.0,
         num_pages: int | None = None,
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
+        enable_prefix_cache: bool = True,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
             model=model,
             device=device,
             dtype=dtype,
+            quantization=quantization,
             max_model_len=max_model_len,
-            cache=CacheConfig(page_size, int(kv_cache_memory_gb * (1 << 30)), num_pages),
+            cache=CacheConfig(
+                page_size, int(kv_cache_memory_gb * (1 << 30)), num_pages, enable_prefix_cache
+            ),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
         )
 

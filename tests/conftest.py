@@ -23,8 +23,8 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def default_model(default_gguf) -> LoadedModel:
-    """Loaded once per session; engines built from it rebind its KV cache."""
-    return load_model(default_gguf, torch.device("cpu"), torch.float32)
+    """The fp32 reference path, loaded once per session; engines built on it rebind its KV cache."""
+    return load_model(default_gguf, torch.device("cpu"), torch.float32, quantization="none")
 
 
 @pytest.fixture
@@ -33,11 +33,21 @@ def make_llm(default_model):
     engines: list[Engine] = []
 
     def make(**options) -> LLM:
-        engine = Engine(EngineConfig.create(**options), loaded=default_model)
+        engine = Engine(EngineConfig.create(quantization="none", **options), loaded=default_model)
         engines.append(engine)
         return LLM.from_engine(engine)
 
     yield make
     for engine in engines:
-        assert not engine.has_unfinished_requests()
-        assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
+        assert_no_leaks(engine)
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    """Every page is free or held once by the prefix cache; dropping the cache frees them all."""
+    assert not engine.has_unfinished_requests()
+    cache = engine.prefix_cache
+    if cache is not None:
+        cache.check_integrity()
+        assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, "KV pages leaked"
+        cache.reset()
+    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"

@@ -1,0 +1,1 @@
+"""Benchmarks: `sluice bench offline | latency | serve` (the command line is in cli.py)."""

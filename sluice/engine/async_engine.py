@@ -83,8 +83,13 @@ class AsyncEngine:
         self._commands.put(lambda: None)  # wake the thread if it waits for work
         self._thread.join(timeout)
 
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine thread has failed or been shut down."""
+        return self._error is None and self._thread.is_alive()
+
     def _check_alive(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
+        if not self.is_alive:
             raise EngineDeadError(f"the engine has stopped: {self._error!r}")
 
     # ---- the engine thread -------------------------------------------------------------------

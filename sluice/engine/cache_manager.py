@@ -1,10 +1,19 @@
-"""The KV page pool and the per-request page tables drawn from it. Plain Python, no torch."""
+"""The KV page pool, request page tables drawn from it, and their link to the prefix cache.
+
+Plain Python, no torch. Page references: a request holds one reference on every page in its
+page table (matched from the prefix cache or newly allocated) and releases them all when it
+finishes or is preempted; the prefix cache holds one more on every page it keeps.
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from sluice.engine.request import Request
+
+if TYPE_CHECKING:
+    from sluice.engine.prefix_cache import PrefixCache
 
 
 class OutOfPagesError(RuntimeError):
@@ -56,9 +65,12 @@ class PagePool:
 class KVCacheManager:
     """Grows and frees request page tables; the scheduler asks it whether a step fits."""
 
-    def __init__(self, pool: PagePool, page_size: int) -> None:
+    def __init__(
+        self, pool: PagePool, page_size: int, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.pool = pool
         self.page_size = page_size
+        self.prefix_cache = prefix_cache
 
     @property
     def capacity_tokens(self) -> int:
@@ -69,11 +81,65 @@ class KVCacheManager:
         return max(0, -(-total // self.page_size) - len(request.page_ids))
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        return self.pages_needed(request, num_new_tokens) <= self.pool.num_free
+        needed = self.pages_needed(request, num_new_tokens)
+        if needed <= self.pool.num_free:
+            return True
+        cache = self.prefix_cache
+        return cache is not None and needed <= self.pool.num_free + cache.num_evictable_pages
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
-        request.page_ids.extend(self.pool.allocate(self.pages_needed(request, num_new_tokens)))
+        needed = self.pages_needed(request, num_new_tokens)
+        if needed > self.pool.num_free and self.prefix_cache is not None:
+            self.prefix_cache.evict(needed - self.pool.num_free)
+        request.page_ids.extend(self.pool.allocate(needed))
+
+    def match_prefix(self, request: Request) -> None:
+        """Start a request with nothing computed from the longest cached prefix of its tokens."""
+        if self.prefix_cache is None or request.num_computed_tokens:
+            return
+        hit = self.prefix_cache.match(request.token_ids(0, request.num_tokens), request.cache_salt)
+        self.pool.retain(hit.page_ids)
+        self._move_lock(request, hit.node)
+        request.page_ids = list(hit.page_ids)
+        request.num_inserted_pages = len(hit.page_ids)
+        request.num_computed_tokens = hit.num_tokens
+        request.num_cached_tokens = min(hit.num_tokens, request.num_prompt_tokens)
+
+    def cache_computed(self, request: Request) -> None:
+        """Offer the request's newly completed full pages to the prefix cache.
+
+        Where the cache already holds the same prefix (computed by a request that ran at the
+        same time), the request switches to the cache's pages and lets its own copies go.
+        """
+        full_pages = request.num_computed_tokens // self.page_size
+        if self.prefix_cache is None or full_pages <= request.num_inserted_pages:
+            return
+        tokens = request.token_ids(0, full_pages * self.page_size)
+        node = self.prefix_cache.insert(tokens, request.page_ids[:full_pages], request.cache_salt)
+        self._adopt_pages(request, self.prefix_cache.prefix_pages(node))
+        self._move_lock(request, node)
+        request.num_inserted_pages = full_pages
 
     def free(self, request: Request) -> None:
+        """Release everything a finished or preempted request holds, caching its prefix first."""
+        self.cache_computed(request)
+        self._move_lock(request, None)
         self.pool.release(request.page_ids)
         request.page_ids = []
+        request.num_inserted_pages = 0
+
+    def _adopt_pages(self, request: Request, cached_pages: list[int]) -> None:
+        duplicates = [
+            (i, page) for i, page in enumerate(cached_pages) if request.page_ids[i] != page
+        ]
+        for i, page in duplicates:
+            self.pool.retain([page])
+            self.pool.release([request.page_ids[i]])
+            request.page_ids[i] = page
+
+    def _move_lock(self, request: Request, node) -> None:
+        if node is not None:
+            self.prefix_cache.lock(node)
+        if request.prefix_node is not None:
+            self.prefix_cache.unlock(request.prefix_node)
+        request.prefix_node = node

@@ -10,6 +10,7 @@ from sluice.config import EngineConfig
 from sluice.engine.cache_manager import KVCacheManager, PagePool
 from sluice.engine.model_runner import ModelRunner, SampledToken, kv_bytes_per_page
 from sluice.engine.output import RequestOutput, TextStream
+from sluice.engine.prefix_cache import PrefixCache
 from sluice.engine.request import FinishReason, Request, TokenLogprob
 from sluice.engine.scheduler import Scheduler
 from sluice.loaders.model_path import resolve_model
@@ -27,7 +28,9 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.device = config.torch_device()
         dtype = config.torch_dtype(self.device)
-        loaded = loaded or load_model(resolve_model(config.model), self.device, dtype)
+        loaded = loaded or load_model(
+            resolve_model(config.model), self.device, dtype, config.quantization
+        )
         self.loaded = loaded
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         page_size = config.cache.page_size
@@ -36,7 +39,10 @@ class Engine:
             config.cache.memory_budget_bytes // kv_bytes_per_page(loaded.config, page_size, dtype),
         )
         self.pool = PagePool(num_pages)
-        self.kv = KVCacheManager(self.pool, page_size)
+        self.prefix_cache = (
+            PrefixCache(self.pool, page_size) if config.cache.enable_prefix_cache else None
+        )
+        self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(loaded.model, self.device, dtype, num_pages, page_size)
         self.max_model_len = min(
@@ -66,8 +72,17 @@ class Engine:
             )
         return token_ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Validate and queue; raises InvalidParameterError and leaves the engine untouched."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str = "",
+    ) -> None:
+        """Validate and queue; raises InvalidParameterError and leaves the engine untouched.
+
+        `cache_salt` namespaces the prefix cache: only requests with the same salt share KV.
+        """
         if request_id in self._requests:
             raise InvalidParameterError(
                 "request_id", f"request id {request_id!r} is already in use"
@@ -79,6 +94,7 @@ class Engine:
             for i in range(params.n)
         ]
         for seq in sequences:
+            seq.cache_salt = cache_salt
             self.scheduler.add(seq)
             self._streams[seq] = TextStream(self.tokenizer, seq.params)
         self._requests[request_id] = sequences
@@ -127,6 +143,7 @@ class Engine:
         sampled = self.runner.execute(batch)
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
+            self.kv.cache_computed(req)
         return [self._append_token(s) for s in sampled]
 
     def _append_token(self, sampled: SampledToken) -> RequestOutput:
@@ -177,4 +194,5 @@ class Engine:
             num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
             logprobs=logprobs,
+            queue_time=req.queue_time,
         )

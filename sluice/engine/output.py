@@ -28,6 +28,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    queue_time: float | None = None  # seconds from entering the engine to first being scheduled
 
 
 class TextStream:

@@ -94,6 +94,11 @@ class PrefixCache:
             return MatchResult(self.root, [], 0)
         return MatchResult(node, page_ids, num_pages * self.page_size)
 
+    def prefix_pages(self, node: RadixNode) -> list[int]:
+        """The tree's pages for the whole prefix ending at `node`, root first."""
+        path = list(self._path_to_root(node))
+        return [page for step in reversed(path) for page in step.page_ids]
+
     @property
     def num_cached_pages(self) -> int:
         return self._num_cached_pages
@@ -110,6 +115,7 @@ class PrefixCache:
     # --- locks -------------------------------------------------------------------------------
 
     def lock(self, node: RadixNode) -> None:
+        assert node is self.root or node.parent is not None, "lock of an evicted node"
         self._own_locks[node] = self._own_locks.get(node, 0) + 1
         for step in self._path_to_root(node):
             step.lock_count += 1
@@ -158,6 +164,8 @@ class PrefixCache:
         """Drop unlocked leaves, the ones that free pages first, LRU within that, until at least
         `num_pages` pages reached the free list or nothing useful is left. Returns pages freed
         (may exceed `num_pages`: a node goes as a whole)."""
+        if num_pages <= 0:
+            return 0
         free_before = self.pool.num_free
         candidates = [
             entry for leaf in self._unlocked_leaves() if (entry := self._eviction_entry(leaf))

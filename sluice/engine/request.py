@@ -12,6 +12,8 @@ from sluice.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from sluice.engine.prefix_cache import RadixNode
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -49,7 +51,11 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # set by the scheduler when it first admits it
     generator: torch.Generator | None = None
+    cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
+    prefix_node: RadixNode | None = None  # deepest prefix-cache node this request holds a lock on
+    num_inserted_pages: int = 0  # leading pages of page_ids already offered to the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,6 +68,13 @@ class Request:
     @property
     def num_pending_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to first being scheduled; None while still waiting."""
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
 
     @property
     def is_finished(self) -> bool:

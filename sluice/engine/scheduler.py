@@ -8,6 +8,7 @@ request is preempted (its pages freed, recomputed later) so the older ones can g
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -92,20 +93,28 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.num_preemptions += 1
-        self.kv.free(request)
-        request.num_computed_tokens = 0
+        self._release(request)
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        """Free the request's pages; it starts over (from the prefix cache) when next admitted."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            self.kv.match_prefix(request)
             num_tokens = min(request.num_pending_tokens, budget)
             if not self.kv.can_allocate(request, num_tokens):
+                self._release(request)
                 break
             self.waiting.popleft()
             self.kv.allocate(request, num_tokens)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # not again when re-admitted after preemption
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             batch.add(request, num_tokens)
             budget -= num_tokens

@@ -1,12 +1,25 @@
-"""A linear layer whose weight is dense, or kept quantized with a kernel that runs it."""
+"""A linear layer whose weight is dense, or kept quantized and run by a quantized kernel."""
 
 from __future__ import annotations
+
+import logging
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.loaders.weights import WeightSource, to_dense
+from sluice.layers.quant import QuantizedWeight, from_gguf_blocks, quantize
+from sluice.loaders.weights import GGUFQuantTensor, WeightSource, to_dense
+
+logger = logging.getLogger(__name__)
+
+# auto: GGUF weights stay quantized where an exact kernel exists, others are dense.
+# none: everything dense (the reference path). int8/int4: dense weights quantized on load.
+Quantization = Literal["auto", "none", "int8", "int4"]
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
+
+_dequantized_types: set[str] = set()  # log each fallback type once, not once per layer
 
 
 class Linear(nn.Module):
@@ -16,16 +29,44 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(
+            torch.empty(out_features, in_features), requires_grad=False
+        )
+        self.qweight: QuantizedWeight | None = None
 
-    def load(self, source: WeightSource, dtype: torch.dtype) -> None:
-        weight = to_dense(source)
-        if weight.shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit "
-                f"Linear({self.in_features}, {self.out_features})"
-            )
-        self.weight = nn.Parameter(weight.to(self.weight.device, dtype), requires_grad=False)
+    def load(
+        self, source: WeightSource, dtype: torch.dtype, quantization: Quantization = "none"
+    ) -> None:
+        device = self.weight.device if self.weight is not None else torch.device("cpu")
+        self._check_shape(tuple(source.shape))
+        qweight = self._quantized(source, device, quantization)
+        if qweight is not None:
+            self.qweight, self.weight = qweight, None
+            return
+        self.weight = nn.Parameter(to_dense(source).to(device, dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.matmul(x)
         return F.linear(x, self.weight)
+
+    def _quantized(
+        self, source: WeightSource, device: torch.device, quantization: Quantization
+    ) -> QuantizedWeight | None:
+        if quantization == "none":
+            return None
+        if isinstance(source, GGUFQuantTensor):
+            qweight = from_gguf_blocks(source.qtype, source.blocks, source.shape, device)
+            if qweight is None and source.qtype.name not in _dequantized_types:
+                _dequantized_types.add(source.qtype.name)
+                logger.info("no %s kernel on %s: dequantizing those weights", source.qtype.name, device)
+            return qweight
+        if quantization in ("int8", "int4") and device.type == "cpu":
+            return quantize(source.to(device), quantization)
+        return None
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight of shape {shape} does not fit Linear({self.in_features}, {self.out_features})"
+            )

@@ -54,7 +54,8 @@ class QuantizedWeight(torch.nn.Module):
         raise NotImplementedError
 
     def nbytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+        """Memory the weight occupies."""
+        raise NotImplementedError
 
 
 class Int4PackedWeight(QuantizedWeight):
@@ -78,12 +79,11 @@ class Int4PackedWeight(QuantizedWeight):
         codes = torch.nn.functional.pad(codes, (0, 0, 0, pad), value=8)
         scales = torch.nn.functional.pad(scales.float(), (0, 0, 0, pad))
         zeros = torch.nn.functional.pad(zeros.float(), (0, 0, 0, pad))
-        self.register_buffer("packed", _pack_codes(codes), persistent=False)
-        scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
-        # Kept as the int16 bit pattern so that Module.to(dtype) leaves it bf16, as the kernel needs.
-        self.register_buffer(
-            "scales_and_zeros_bits", scales_and_zeros.view(torch.int16), persistent=False
-        )
+        self.padded = pad > 0
+        # Plain attributes, not buffers: Module.to(dtype) must not cast the kernel's bf16 scales,
+        # and the packed layout is only meaningful to the CPU kernels anyway.
+        self.packed = _pack_codes(codes)
+        self.scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
 
     def extra_repr(self) -> str:
         return (
@@ -92,19 +92,29 @@ class Int4PackedWeight(QuantizedWeight):
         )
 
     def matmul(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # Decoding makes hundreds of these calls per token on tiny inputs, where each no-op
+        # reshape or cast would cost about a microsecond next to a kernel of a few: skip them.
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
         rows = rows.repeat(1, self.planes) if self.planes > 1 else rows.contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows, self.packed, self.group_size, self.scales_and_zeros_bits.view(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_and_zeros
         )
-        out = out[:, : self.out_features].to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        if self.padded:
+            out = out[:, : self.out_features]
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
 
     def dequantize(self) -> Tensor:
-        scales_and_zeros = self.scales_and_zeros_bits.view(torch.bfloat16).float()
+        scales_and_zeros = self.scales_and_zeros.float()
         scales = scales_and_zeros[..., 0].T.repeat_interleave(self.group_size, dim=1)
         zeros = scales_and_zeros[..., 1].T.repeat_interleave(self.group_size, dim=1)
-        # (code - 8) * scale is exact in fp32, so this rounds once, like the kernel's fused multiply-add.
+        # (code - 8) * scale is exact in fp32: one rounding, as in the kernel's fused multiply-add.
         per_plane = torch.addcmul(zeros, self._centered_codes(), scales)
         per_plane = per_plane[: self.out_features].view(self.out_features, self.planes, -1)
         return per_plane.sum(dim=1)
@@ -117,19 +127,17 @@ class Int4PackedWeight(QuantizedWeight):
         in bf16.
         """
         width = self.planes * self.in_features
-        unit = torch.zeros(*self.scales_and_zeros_bits.shape, dtype=torch.bfloat16)
+        unit = torch.zeros_like(self.scales_and_zeros)
         unit[..., 0] = 1
         identity = torch.eye(width, dtype=torch.bfloat16)
-        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            identity, self.packed, self.group_size, unit
-        )
+        codes = torch._weight_int4pack_mm_for_cpu(identity, self.packed, self.group_size, unit)
         return codes.T.float()
 
 
 def _pack_codes(codes: Tensor) -> Tensor:
     chunks = [
         # inner_k_tiles (the 2) only matters for the CUDA layout; the CPU packer ignores it.
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.to(torch.int32).contiguous(), 2)
+        torch._convert_weight_to_int4pack_for_cpu(chunk.to(torch.int32).contiguous(), 2)
         for chunk in codes.split(_PACK_CHUNK_ROWS)
     ]
     return torch.cat(chunks)
@@ -148,7 +156,7 @@ def _from_affine_groups(
         return Int4PackedWeight(
             q.to(torch.uint8), scale, offset + 8 * scale, q.shape[1], group_size
         )
-    codes = torch.cat([(q >> 4) + 8, q & 15], dim=1).to(torch.uint8)
+    codes = torch.cat([((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)], dim=1)
     scales = torch.cat([16 * scale, scale], dim=1)
     zeros = torch.cat([torch.zeros_like(offset), offset + 8 * scale], dim=1)
     return Int4PackedWeight(codes, scales, zeros, q.shape[1], group_size)
@@ -187,10 +195,8 @@ def _decode_q4_1(blocks: np.ndarray) -> _Decoded:
 
 
 def _decode_q5_0(blocks: np.ndarray) -> _Decoded:
-    q = _nibbles(blocks[:, 6:], 16) | _fifth_bits(blocks[:, 2:6])
     d = _f16(blocks[:, :2])
-    # Centre q (0..31 -> -16..15) instead of offsetting by -16 d, which bf16 may not hold exactly.
-    return q - 16, d, np.zeros_like(d)
+    return _nibbles(blocks[:, 6:], 16) | _fifth_bits(blocks[:, 2:6]), d, -16 * d
 
 
 def _decode_q5_1(blocks: np.ndarray) -> _Decoded:
@@ -259,21 +265,6 @@ def from_gguf_blocks(
         planes,
         GGUF_GROUP_SIZE,
     )
-
-
-def concat_rows(blocks: list[np.ndarray]) -> np.ndarray:
-    """Stack raw GGUF rows of weights of the same qtype and input size (fused QKV, gate_up).
-
-    Rows of every GGUF format are quantized independently, so stacked rows are the rows of the
-    stacked weight. Checking that the parts share a qtype is the caller's job.
-    """
-    widths = {part.shape[1:] for part in blocks}
-    if len(widths) != 1:
-        raise ValueError(f"cannot stack GGUF rows of different widths: {sorted(widths)}")
-    return np.concatenate(blocks, axis=0)
-
-
-# --- full-precision checkpoints ----------------------------------------------------------------
 
 
 def quantize(

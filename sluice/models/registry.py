@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sluice.config import ModelConfig
+from sluice.layers.linear import Quantization
 from sluice.layers.rotary import inverse_frequencies
 from sluice.loaders import gguf, safetensors
 from sluice.loaders.tokenizer import Tokenizer
@@ -28,7 +29,9 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    path: Path, device: torch.device, dtype: torch.dtype, quantization: Quantization = "none"
+) -> LoadedModel:
     start = time.perf_counter()
     if path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
@@ -43,7 +46,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
         tokenizer = Tokenizer.from_hf_folder(path)
     with device:
         model = MODEL_CLASSES[config.architecture](config, inv_freq)
-    model.load_weights(weights, dtype)
+    model.load_weights(weights, dtype, quantization)
     model.eval()
     logger.info(
         "loaded %s (%s, %s) in %.1fs",

@@ -92,6 +92,19 @@ def test_match_inside_a_node_splits_it_so_the_node_ends_at_the_match():
     cache.check_integrity()
 
 
+def test_match_refreshes_the_whole_path():
+    pool, cache = make_cache(page_size=2)
+    cache_finished(pool, cache, [1, 1, 2, 2])
+    cache_finished(pool, cache, [1, 1, 3, 3])  # splits: a shared [1, 1] with two leaves
+    cache_finished(pool, cache, [4, 4])
+    hit = cache.match([1, 1, 2, 2, 0])
+    other = cache.match([4, 4, 0]).node
+    shared = hit.node.parent
+    assert shared is not None and shared.key == (1, 1)
+    assert hit.node.last_access == shared.last_access < other.last_access
+    assert shared.children[(3, 3)].last_access < hit.node.last_access
+
+
 def test_match_neither_retains_nor_locks():
     pool, cache = make_cache()
     pages = cache_finished(pool, cache, A)
@@ -215,6 +228,15 @@ def test_unlock_without_a_lock_is_an_error():
         cache.unlock(cache.match([*A, 0]).node)
 
 
+def test_locking_an_evicted_node_is_an_error():
+    pool, cache = make_cache()
+    cache_finished(pool, cache, A)
+    hit = cache.match([*A, 0])
+    cache.evict(3)  # the caller forgot to lock right after matching
+    with pytest.raises(AssertionError, match="evicted"):
+        cache.lock(hit.node)
+
+
 # --- eviction ---------------------------------------------------------------------------------
 
 
@@ -284,7 +306,9 @@ def test_evict_drops_an_unfreeable_leaf_to_reach_a_freeable_parent():
     # takes only its second page, which the request still holds.
     own = pool.allocate(2)
     cache.insert([1, 1, 2, 2], own)
-    assert refs(pool, [parent_page, *own]) == [1, 1, 2]
+    (idle,) = cache_finished(pool, cache, [3, 3])  # newer, but frees a page at once
+    assert refs(pool, [parent_page, *own, idle]) == [1, 1, 2, 1]
+    assert cache.evict(1) == 1 and refs(pool, [idle]) == [0]
     assert cache.evict(1) == 1
     assert refs(pool, [parent_page, *own]) == [0, 1, 1]  # the request's pages are intact
     assert cache.num_cached_pages == 0

@@ -1,0 +1,138 @@
+"""`sluice bench {offline,latency,serve}`: the benchmarks' command line.
+
+Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
+loaded for every `sluice` command that builds the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+from collections.abc import Callable
+
+from sluice.cli import add_engine_args
+from sluice.loaders.model_path import DEFAULT_MODEL
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="measure throughput and latency")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    _add_offline(kinds)
+    _add_latency(kinds)
+    _add_serve(kinds)
+
+
+def _runner(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"sluice.bench.{module}").main(args)
+
+    return run
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seeds the workload")
+    parser.add_argument("--output-file", default=None, help="also append the JSON line here")
+
+
+def _add_offline(kinds: argparse._SubParsersAction) -> None:
+    offline = kinds.add_parser(
+        "offline",
+        help="throughput: random requests all submitted at once",
+        description="Prints one JSON line. Outputs ignore EOS, so their lengths are exact. "
+        "transformers runs static batches, each to its longest request; output_tokens counts "
+        "only the tokens each request asked for.",
+    )
+    offline.add_argument("--backend", choices=["sluice", "transformers"], default="sluice")
+    offline.add_argument("--num-prompts", type=_POSITIVE, default=256)
+    offline.add_argument("--input-len-min", type=_POSITIVE, default=100)
+    offline.add_argument("--input-len-max", type=_POSITIVE, default=1024)
+    offline.add_argument("--output-len-min", type=_POSITIVE, default=100)
+    offline.add_argument("--output-len-max", type=_POSITIVE, default=1024)
+    _add_common(offline)
+    add_engine_args(offline)
+    # The same setting under the name a batch benchmark reader looks for; the default stays
+    # --max-num-seqs's.
+    offline.add_argument(
+        "--batch-size",
+        dest="max_num_seqs",
+        type=_POSITIVE,
+        default=argparse.SUPPRESS,
+        help="sequences in flight: sluice's --max-num-seqs, transformers' static batch size",
+    )
+    offline.set_defaults(func=_runner("offline"))
+
+
+def _add_latency(kinds: argparse._SubParsersAction) -> None:
+    latency = kinds.add_parser(
+        "latency", help="single stream: prefill and decode tokens per second"
+    )
+    latency.add_argument("--input-len", type=_POSITIVE, default=512)
+    latency.add_argument("--output-len", type=_int_at_least(2), default=128)
+    latency.add_argument("--iters", type=_POSITIVE, default=3, help="timed runs of each")
+    _add_common(latency)
+    add_engine_args(latency)
+    latency.set_defaults(func=_runner("latency"))
+
+
+def _add_serve(kinds: argparse._SubParsersAction) -> None:
+    serve = kinds.add_parser(
+        "serve",
+        help="load-test an OpenAI-compatible server (sluice serve, vLLM, llama-server, ...)",
+    )
+    target = serve.add_argument_group("target")
+    target.add_argument("--base-url", default="http://127.0.0.1:8000", help="without /v1")
+    target.add_argument("--endpoint", default="/v1/completions")
+    target.add_argument("--model", default=None, help="name to send; default: the server's first")
+    target.add_argument(
+        "--tokenizer-model",
+        default=DEFAULT_MODEL,
+        help="our alias, .gguf or HF folder whose tokenizer builds prompts and counts tokens",
+    )
+    target.add_argument("--prompt-format", choices=["text", "ids"], default="text")
+    target.add_argument("--timeout", type=float, default=3600.0, help="seconds any read may take")
+
+    load = serve.add_argument_group("load")
+    load.add_argument("--request-rate", type=float, default=math.inf, help="req/s, Poisson")
+    load.add_argument("--max-concurrency", type=_POSITIVE, default=None)
+    load.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="exact output lengths: sends ignore_eos, and min_tokens = max_tokens",
+    )
+
+    data = serve.add_argument_group("dataset")
+    data.add_argument(
+        "--dataset-name", choices=["random", "generated-shared-prefix"], default="random"
+    )
+    data.add_argument("--num-prompts", type=_POSITIVE, default=1000, help="random only")
+    data.add_argument("--random-input-len", type=_POSITIVE, default=1024)
+    data.add_argument("--random-output-len", type=_POSITIVE, default=1024)
+    data.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths uniform in [len * ratio, len]",
+    )
+    data.add_argument("--gsp-num-groups", type=_POSITIVE, default=64)
+    data.add_argument("--gsp-prompts-per-group", type=_POSITIVE, default=16)
+    data.add_argument("--gsp-system-prompt-len", type=_POSITIVE, default=2048)
+    data.add_argument("--gsp-question-len", type=_POSITIVE, default=128)
+    data.add_argument("--gsp-output-len", type=_POSITIVE, default=256)
+
+    _add_common(serve)
+    serve.add_argument("--plot", default=None, metavar="PATH.png", help="save latency plots")
+    serve.set_defaults(func=_runner("serve"))

@@ -1,0 +1,53 @@
+"""A one-page picture of a serving run: latency distributions and a per-request timeline.
+
+Drawn on a bare `Figure`, not through pyplot, so no GUI backend or global state is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from sluice.bench.metrics import RequestRecord, percentile
+
+
+def plot_serve(records: Sequence[RequestRecord], title: str, path: str | Path) -> None:
+    done = [r for r in records if r.ok]
+    figure = Figure(figsize=(13, 9), layout="constrained")
+    figure.suptitle(f"{title}: {len(done)} completed, {len(records) - len(done)} failed")
+    (ttft, itl), (e2e, timeline) = figure.subplots(2, 2)
+    _histogram(ttft, [r.ttft * 1000 for r in done], "time to first token (ms)")
+    _histogram(itl, [gap * 1000 for r in done for gap in r.itls], "inter-token latency (ms)")
+    _histogram(e2e, [r.e2e * 1000 for r in done], "end-to-end latency (ms)")
+    _timeline(timeline, done)
+    figure.savefig(path, dpi=110)
+
+
+def _histogram(axes: Axes, values_ms: list[float], label: str) -> None:
+    axes.set_xlabel(label)
+    axes.set_ylabel("count")
+    if not values_ms:
+        return
+    axes.hist(values_ms, bins=50, color="tab:blue")
+    for q, style in ((50, "--"), (99, ":")):
+        value = percentile(values_ms, q)
+        axes.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.1f} ms")
+    axes.legend(loc="upper right")
+
+
+def _timeline(axes: Axes, records: list[RequestRecord]) -> None:
+    """Each request as a bar from when it was sent to when it ended, in order of sending: the
+    first part waits for the first token (queueing and prefill), the second decodes."""
+    ordered = sorted(records, key=lambda r: r.start)
+    rows = range(len(ordered))
+    first_tokens = [r.chunk_times[0] for r in ordered]
+    axes.hlines(
+        rows, [r.start for r in ordered], first_tokens, color="tab:orange", label="to 1st token"
+    )
+    axes.hlines(rows, first_tokens, [r.end for r in ordered], color="tab:blue", label="decode")
+    axes.set_xlabel("seconds since start")
+    axes.set_ylabel("request (by send time)")
+    axes.legend(loc="lower right")

@@ -1,0 +1,32 @@
+"""Perplexity of a text under a loaded model: the quality gate for quantized and fast paths."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sluice.engine.model_runner import ModelRunner
+from sluice.layers.attention import AttentionMetadata
+from sluice.models.registry import LoadedModel
+
+
+@torch.inference_mode()
+def perplexity(loaded: LoadedModel, token_ids: list[int], window: int = 512) -> float:
+    """exp(mean negative log-likelihood) of every token after the first, in windows of `window`."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    dtype = model.embed_tokens.weight.dtype
+    page_size = 16
+    ModelRunner(model, device, dtype, num_pages=-(-window // page_size), page_size=page_size)
+    nll, count = 0.0, 0
+    for start in range(0, len(token_ids) - 1, window):
+        chunk = token_ids[start : start + window + 1]
+        meta = AttentionMetadata.build(
+            [len(chunk) - 1], [0], [list(range(-(-window // page_size)))], page_size, device
+        )
+        logits = model.compute_logits(model(torch.tensor(chunk[:-1], device=device), meta))
+        targets = torch.tensor(chunk[1:], device=device)
+        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)

@@ -1,0 +1,329 @@
+"""The OpenAI-compatible HTTP API: `create_app(engine, settings)` builds the FastAPI app.
+
+Generation runs in the AsyncEngine's thread; the event loop only validates requests and moves
+tokens, so requests that arrive together are batched by the engine's scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from sluice import __version__
+from sluice.api import chat_prompt_ids
+from sluice.engine.async_engine import AsyncEngine
+from sluice.loaders.model_path import DEFAULT_MODEL
+from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.server.errors import APIError, install_error_handlers
+from sluice.server.generation import Generation, GenerationQueue
+from sluice.server.metrics import ServerMetrics
+from sluice.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    GenerationRequest,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from sluice.server.responses import (
+    ChatFormat,
+    ChoiceFormat,
+    CompletionFormat,
+    ResponseMeta,
+    collect,
+    stream_events,
+)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None  # None: no authentication
+    max_queue: int | None = None  # None: no bound on requests waiting for the engine
+
+
+def served_model_name(model: str | None) -> str:
+    """The name clients use: the alias as given, or the .gguf file's stem, or the folder's name."""
+    path = Path(model or DEFAULT_MODEL)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class OpenAIServer:
+    """What the routes share: the engine, the settings, metrics and the admission queue."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.metrics = ServerMetrics(engine.engine)
+        self.generations = GenerationQueue(engine, self.metrics, settings.max_queue)
+        self.started = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name:
+            raise APIError(
+                404,
+                f"the model `{model}` does not exist; this server serves `{self.settings.model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_generation_request(self, body: GenerationRequest) -> None:
+        self.check_model(body.model)
+        if unsupported := body.unsupported():
+            param, why = unsupported[0]
+            raise APIError(
+                400, f"`{param}` is not supported: {why}", param=param, code="unsupported_parameter"
+            )
+        if body.stream_options is not None and not body.stream:
+            raise InvalidParameterError(
+                "stream_options", "stream_options is only allowed with stream: true"
+            )
+
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        """Token ids of a prompt that fits the context; errors name `param`."""
+        try:
+            return self.engine.engine.encode_prompt(prompt)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(param, str(exc)) from exc
+
+    def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        try:
+            return chat_prompt_ids(self.tokenizer, [message.for_template() for message in messages])
+        except ValueError as exc:  # the model's chat template refused the conversation
+            raise InvalidParameterError("messages", str(exc)) from exc
+
+    def max_tokens(
+        self, limit: int | None, explicit: bool, prompts: list[list[int]], param: str
+    ) -> int:
+        """None: as many as the context holds. An explicit limit that does not fit is an error,
+        as at OpenAI; a default one shrinks to fit."""
+        longest = max(len(prompt) for prompt in prompts)
+        room = self.max_model_len - longest
+        if limit is None or (limit > room and not explicit):
+            return room
+        if limit > room:
+            raise InvalidParameterError(
+                param,
+                f"{param} is {limit}, but the prompt has {longest} tokens and the context window "
+                f"is {self.max_model_len} tokens, which leaves room for {room}",
+            )
+        return limit
+
+    async def respond(
+        self,
+        request: Request,
+        body: GenerationRequest,
+        id_prefix: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        fmt: ChoiceFormat,
+    ) -> Response:
+        """Start generating; answer with a stream of events or, once done, the whole response."""
+        meta = ResponseMeta(
+            f"{id_prefix}-{uuid.uuid4().hex}",
+            self.settings.model_name,
+            [len(p) for p in prompts],
+            params.n,
+        )
+        generation = self.generations.start(meta.id, prompts, params)
+        if body.stream:
+            events = stream_events(generation, fmt, meta, body.include_usage)
+            return StreamingResponse(
+                _watched(request, generation, events), media_type="text/event-stream"
+            )
+        async with _cancel_on_disconnect(request, generation):
+            result = await collect(generation, fmt, meta)
+        return JSONResponse(result.model_dump(mode="json"))
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="sluice", version=__version__, lifespan=_lifespan)
+    app.state.server = OpenAIServer(engine, settings)
+    install_error_handlers(app)
+    app.include_router(open_routes)
+    app.include_router(api_routes)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    # uvicorn gets here after in-flight responses have finished, or were cancelled at its
+    # graceful-shutdown timeout; abort whatever the engine still runs, then stop its thread.
+    server: OpenAIServer = app.state.server
+    server.generations.cancel_all()
+    await asyncio.to_thread(server.engine.shutdown)
+
+
+async def _watched(
+    request: Request, generation: Generation, events: AsyncIterator[str]
+) -> AsyncIterator[str]:
+    async with _cancel_on_disconnect(request, generation):
+        async for event in events:
+            yield event
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(request: Request, generation: Generation) -> AsyncIterator[None]:
+    """Free the engine's pages as soon as the client hangs up, even while it waits in the queue
+    or before anything could be sent to it (which is when a failed write would tell us)."""
+    watcher = asyncio.create_task(_cancel_when_disconnected(request, generation))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_when_disconnected(request: Request, generation: Generation) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    generation.cancel()
+
+
+@contextmanager
+def _named_as(aliases: dict[str, str]) -> Iterator[None]:
+    """SamplingParams calls some settings otherwise than the API does; errors use the API's names."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        param = aliases.get(exc.param, exc.param)
+        raise InvalidParameterError(param, str(exc).replace(exc.param, param, 1)) from exc
+
+
+# ---- routes ------------------------------------------------------------------------------------
+
+
+def _server(request: Request) -> OpenAIServer:
+    return request.app.state.server
+
+
+Server = Annotated[OpenAIServer, Depends(_server)]
+
+_bearer = HTTPBearer(auto_error=False, description="The key given to `sluice serve --api-key`.")
+
+
+async def _check_api_key(
+    server: Server, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    expected = server.settings.api_key
+    if expected is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key: send `Authorization: Bearer <key>`",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+_STREAMED = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream` SSE chunks"}
+}
+
+open_routes = APIRouter(responses={503: {"model": ErrorResponse}})
+api_routes = APIRouter(dependencies=[Depends(_check_api_key)], responses=_ERRORS)
+
+
+@open_routes.get("/health")
+async def health(server: Server) -> HealthResponse:
+    if not server.engine.is_alive:
+        raise APIError(503, "the engine has stopped", code="engine_dead")
+    return HealthResponse()
+
+
+@open_routes.get("/metrics", response_class=Response)
+async def metrics(server: Server) -> Response:
+    content, content_type = server.metrics.exposition()
+    return Response(content, media_type=content_type)
+
+
+@open_routes.get("/version")
+async def version() -> VersionResponse:
+    return VersionResponse(version=__version__)
+
+
+@api_routes.get("/v1/models")
+async def list_models(server: Server) -> ModelList:
+    card = ModelCard(
+        id=server.settings.model_name, created=server.started, max_model_len=server.max_model_len
+    )
+    return ModelList(data=[card])
+
+
+@api_routes.post("/v1/completions", response_model=CompletionResponse, responses=_STREAMED)
+async def create_completion(body: CompletionRequest, request: Request, server: Server) -> Response:
+    server.check_generation_request(body)
+    raw_prompts = body.prompts()
+    prompts = [server.encode(prompt, "prompt") for prompt in raw_prompts]
+    explicit = body.was_given("max_tokens")
+    max_tokens = server.max_tokens(body.max_tokens, explicit, prompts, "max_tokens")
+    params = body.sampling_params(max_tokens, body.logprobs)
+    echoes = [_prompt_text(server, p) for p in raw_prompts] if body.echo else None
+    fmt = CompletionFormat(server.tokenizer, body.logprobs is not None, echoes)
+    return await server.respond(request, body, "cmpl", prompts, params, fmt)
+
+
+def _prompt_text(server: OpenAIServer, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else server.tokenizer.decode(prompt)
+
+
+@api_routes.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAMED)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, server: Server
+) -> Response:
+    server.check_generation_request(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
+    prompt = server.encode(server.render_chat(body.messages), "messages")
+    max_tokens = server.max_tokens(body.requested_max_tokens, True, [prompt], body.max_tokens_param)
+    with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
+        params = body.sampling_params(max_tokens, body.num_logprobs)
+    fmt = ChatFormat(server.tokenizer, body.logprobs)
+    return await server.respond(request, body, "chatcmpl", [prompt], params, fmt)
+
+
+@api_routes.post("/tokenize")
+async def tokenize(body: TokenizeRequest, server: Server) -> TokenizeResponse:
+    """Token ids of a `prompt`, or of chat `messages` as /v1/chat/completions would prompt them."""
+    server.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidParameterError("prompt", "give either `prompt` or `messages`")
+    if body.messages is not None:
+        tokens = server.render_chat(body.messages)
+    else:
+        tokens = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=server.max_model_len, tokens=tokens)
+
+
+@api_routes.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, server: Server) -> DetokenizeResponse:
+    server.check_model(body.model)
+    vocab_size = server.tokenizer.vocab_size
+    if any(not 0 <= token < vocab_size for token in body.tokens):
+        raise InvalidParameterError("tokens", f"token ids must be in [0, {vocab_size})")
+    return DetokenizeResponse(prompt=server.tokenizer.decode(body.tokens))

@@ -1,0 +1,284 @@
+"""Engine outputs shaped as OpenAI responses: whole, or as server-sent events.
+
+Chat and completions differ only in how a choice, its logprobs and the envelope look; a
+`ChoiceFormat` says that, and `stream_events` / `collect` do the rest for both: choice order,
+usage, logprobs accumulation and errors that happen after the response has started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from sluice.engine.output import RequestOutput
+from sluice.engine.request import TokenLogprob
+from sluice.loaders.tokenizer import Tokenizer
+from sluice.server.errors import as_api_error, error_body
+from sluice.server.generation import ChoiceOutput, Generation
+from sluice.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    Delta,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResponseMeta:
+    id: str
+    model: str
+    prompt_lengths: list[int]
+    n: int  # samples per prompt
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt_lengths) * self.n
+
+
+class ChoiceFormat(ABC):
+    """How one API shapes its choices. Chunk methods see one output's news for one choice."""
+
+    def __init__(self, tokenizer: Tokenizer, with_logprobs: bool) -> None:
+        self.tokenizer = tokenizer
+        self.with_logprobs = with_logprobs
+
+    def opening_chunk(self, meta: ResponseMeta) -> BaseModel | None:
+        """What to send before the first token, if anything."""
+        return None
+
+    @abstractmethod
+    def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel: ...
+
+    @abstractmethod
+    def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> BaseModel: ...
+
+    @abstractmethod
+    def response(
+        self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage
+    ) -> BaseModel: ...
+
+    def prefix(self, meta: ResponseMeta, choice: int) -> str:
+        """Text that goes before a choice's generated text (completions' echo)."""
+        return ""
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class CompletionFormat(ChoiceFormat):
+    def __init__(self, tokenizer: Tokenizer, with_logprobs: bool, echoes: list[str] | None) -> None:
+        super().__init__(tokenizer, with_logprobs)
+        self._echoes = echoes  # per prompt, when the prompt is to be echoed
+        self._text_offsets: dict[int, int] = defaultdict(int)  # per choice, across chunks
+
+    def prefix(self, meta: ResponseMeta, choice: int) -> str:
+        return self._echoes[choice // meta.n] if self._echoes else ""
+
+    def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel:
+        out = item.output
+        choice = CompletionChoice(
+            index=item.choice,
+            text=text,
+            logprobs=self._logprobs(item.choice, out.logprobs),
+            finish_reason=_finish_reason(out),
+        )
+        return CompletionResponse(
+            id=meta.id, created=meta.created, model=meta.model, choices=[choice]
+        )
+
+    def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> BaseModel:
+        return CompletionResponse(
+            id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
+        )
+
+    def response(self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage) -> BaseModel:
+        return CompletionResponse(
+            id=meta.id,
+            created=meta.created,
+            model=meta.model,
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    logprobs=self._logprobs(c.index, c.logprobs),
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=usage,
+        )
+
+    def _logprobs(self, choice: int, logprobs: list[TokenLogprob]) -> CompletionLogprobs | None:
+        if not self.with_logprobs:
+            return None
+        shaped = CompletionLogprobs()
+        for lp in logprobs:
+            token = self.tokenizer.id_to_token(lp.token_id)
+            shaped.tokens.append(token)
+            shaped.token_logprobs.append(lp.logprob)
+            shaped.top_logprobs.append({self.tokenizer.id_to_token(t): v for t, v in lp.top})
+            shaped.text_offset.append(self._text_offsets[choice])
+            self._text_offsets[choice] += len(token)
+        return shaped
+
+
+class ChatFormat(ChoiceFormat):
+    def opening_chunk(self, meta: ResponseMeta) -> BaseModel:
+        # OpenAI's first chunk of each choice carries the role, before any content.
+        choices = [
+            ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+            for i in range(meta.num_choices)
+        ]
+        return ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=choices
+        )
+
+    def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel:
+        out = item.output
+        choice = ChatChunkChoice(
+            index=item.choice,
+            delta=Delta(content=text),
+            logprobs=self._logprobs(out.logprobs),
+            finish_reason=_finish_reason(out),
+        )
+        return ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=[choice]
+        )
+
+    def usage_chunk(self, meta: ResponseMeta, usage: Usage) -> BaseModel:
+        return ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
+        )
+
+    def response(self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage) -> BaseModel:
+        return ChatCompletionResponse(
+            id=meta.id,
+            created=meta.created,
+            model=meta.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=self._logprobs(c.logprobs),
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage=usage,
+        )
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
+        if not self.with_logprobs:
+            return None
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    **self._describe(lp.token_id, lp.logprob),
+                    top_logprobs=[TopLogprob(**self._describe(t, v)) for t, v in lp.top],
+                )
+                for lp in logprobs
+            ]
+        )
+
+    def _describe(self, token_id: int, logprob: float) -> dict[str, object]:
+        # `bytes` are exact where the token holds part of a character and `token` shows U+FFFD.
+        token_bytes = list(self.tokenizer.token_bytes(token_id))
+        return {
+            "token": self.tokenizer.id_to_token(token_id),
+            "logprob": logprob,
+            "bytes": token_bytes,
+        }
+
+
+class UsageCounter:
+    def __init__(self, meta: ResponseMeta) -> None:
+        self._prompt_tokens = sum(meta.prompt_lengths)  # once per prompt, however many samples
+        self._completion_tokens = 0
+        self._cached_tokens: dict[int, int] = {}  # per prompt, as its first sample found it
+
+    def add(self, item: ChoiceOutput) -> None:
+        self._completion_tokens += len(item.output.new_token_ids)
+        if item.output.index == 0:
+            self._cached_tokens[item.prompt] = item.output.num_cached_tokens
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            total_tokens=self._prompt_tokens + self._completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(self._cached_tokens.values())
+            ),
+        )
+
+
+async def stream_events(
+    generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events: a `data:` line per chunk, then `data: [DONE]`."""
+    usage = UsageCounter(meta)
+    started: set[int] = set()
+    if (opening := fmt.opening_chunk(meta)) is not None:
+        yield _event(opening)
+    try:
+        async for item in generation:
+            usage.add(item)
+            text = item.output.new_text
+            if item.choice not in started:
+                started.add(item.choice)
+                text = fmt.prefix(meta, item.choice) + text
+            if text or item.output.finished or item.output.logprobs:
+                yield _event(fmt.chunk(meta, item, text))
+        if include_usage:
+            yield _event(fmt.usage_chunk(meta, usage.usage()))
+    except Exception as exc:  # the response has started: the error can only go in the stream
+        error = as_api_error(exc)
+        if error.status >= 500:
+            logger.error("streaming %s failed", meta.id, exc_info=exc)
+        yield _event(error_body(error.status, error.message, error.param, error.code))
+    yield "data: [DONE]\n\n"
+
+
+async def collect(generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta) -> BaseModel:
+    """The whole response, once every choice has finished."""
+    usage = UsageCounter(meta)
+    choices = [ChoiceResult(index, fmt.prefix(meta, index)) for index in range(meta.num_choices)]
+    async for item in generation:
+        usage.add(item)
+        choice = choices[item.choice]
+        choice.text += item.output.new_text
+        choice.logprobs += item.output.logprobs
+        choice.finish_reason = _finish_reason(item.output) or choice.finish_reason
+    return fmt.response(meta, choices, usage.usage())
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    return out.finish_reason.value if out.finished else None
+
+
+def _event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"

@@ -1,0 +1,64 @@
+"""The quantized path against the fp32 path on the default model: same answers, same perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sluice import SamplingParams
+from sluice.eval.perplexity import perplexity
+from sluice.layers.quant import QuantizedWeight
+from sluice.models.registry import load_model
+
+pytestmark = pytest.mark.slow
+
+# Lincoln, Dickens and Austen: public domain.
+TEXT = (Path(__file__).parent.parent / "data" / "gettysburg.txt").read_text()
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "How many legs does a spider have?",
+    "What is photosynthesis?",
+    "Write a short greeting for a birthday card.",
+]
+
+
+@pytest.fixture(scope="module")
+def quantized_model(default_gguf):
+    return load_model(default_gguf, torch.device("cpu"), torch.float32, quantization="auto")
+
+
+def test_gguf_linears_stay_quantized(quantized_model):
+    model = quantized_model.model
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.qweight, QuantizedWeight) and qkv.weight is None
+    assert model.lm_head.qweight is None  # fp32 logits: bf16 ones would flip near-ties
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_perplexity_within_one_percent_of_fp32(default_model, quantized_model):
+    ids = default_model.tokenizer.encode(TEXT)
+    assert len(ids) > 500
+    reference = perplexity(default_model, ids)
+    quantized = perplexity(quantized_model, ids)
+    assert reference < 30  # the text is ordinary English: a sanity bound on the metric itself
+    assert abs(quantized - reference) / reference < 0.01
+
+
+def test_greedy_answers_agree_with_fp32(make_llm, quantized_model):
+    from sluice.api import LLM
+    from sluice.config import EngineConfig
+    from sluice.engine.engine import Engine
+
+    reference = make_llm()
+    quantized = LLM.from_engine(Engine(EngineConfig.create(), loaded=quantized_model))
+    params = SamplingParams(max_tokens=64)
+    agree = 0
+    for question in QUESTIONS:
+        prompt = reference.chat_prompt([{"role": "user", "content": question}])
+        want = reference.generate([prompt], params)[0].outputs[0].token_ids
+        got = quantized.generate([prompt], params)[0].outputs[0].token_ids
+        agree += got == want
+    assert agree >= 4
