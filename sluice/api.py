@@ -79,8 +79,10 @@ class LLM:
         bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                results[out.request_id].add(out)
-                bar.update(out.finished and _all_finished(results[out.request_id]))
+                result = results[out.request_id]
+                result.add(out)
+                if out.finished and _all_finished(result):
+                    bar.update(1)
         bar.close()
         return list(results.values())
 

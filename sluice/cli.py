@@ -30,21 +30,38 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
     group.add_argument("--max-num-batched-tokens", type=int, default=512)
     group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+
+
+ENGINE_OPTIONS = (
+    "model",
+    "device",
+    "dtype",
+    "quantization",
+    "enable_prefix_cache",
+    "max_model_len",
+    "page_size",
+    "kv_cache_memory_gb",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "threads",
+)
+SAMPLING_OPTIONS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        enable_prefix_cache=args.enable_prefix_cache,
-        max_model_len=args.max_model_len,
-        page_size=args.page_size,
-        kv_cache_memory_gb=args.kv_cache_memory_gb,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-    )
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -60,16 +77,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    return SamplingParams(**{name: getattr(args, name) for name in SAMPLING_OPTIONS})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

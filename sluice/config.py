@@ -68,7 +68,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto, float32, bfloat16
     quantization: str = "auto"  # auto, none, int8, int4 (see layers/linear.py)
     max_model_len: int | None = None  # None: the model's own context length
-    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -93,6 +93,7 @@ class EngineConfig:
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
         enable_prefix_cache: bool = True,
+        threads: int | None = None,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -101,6 +102,7 @@ class EngineConfig:
             dtype=dtype,
             quantization=quantization,
             max_model_len=max_model_len,
+            threads=threads,
             cache=CacheConfig(
                 page_size, int(kv_cache_memory_gb * (1 << 30)), num_pages, enable_prefix_cache
             ),

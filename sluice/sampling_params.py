@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this a temperature is greedy: dividing logits by it overflows float32 (vLLM does the same).
+GREEDY_TEMPERATURE = 1e-5
+_MAX_SEED = 2**63 - 129  # `n` samples use seeds seed..seed+127, and torch takes int64 seeds
+_MAX_TOP_K = 2**31 - 1
 
 
 class InvalidParameterError(ValueError):
@@ -18,6 +24,7 @@ class SamplingParams:
     """What to generate and how. Defaults are greedy decoding of up to 16 tokens."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop token ids are suppressed until this many tokens exist
     temperature: float = 0.0
     top_k: int = 0  # 0 or -1: no top-k cut
     top_p: float = 1.0
@@ -41,6 +48,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -57,11 +66,28 @@ class SamplingParams:
     def validate(self) -> None:
         checks: list[tuple[bool, str, str]] = [
             (_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be >= 1"),
-            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (
+                _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "must be in [0, max_tokens]",
+            ),
+            (
+                _finite(self.temperature) and self.temperature >= 0.0,
+                "temperature",
+                "must be a finite number >= 0",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be -1, 0 or >= 1"),
+            (
+                _is_int(self.top_k) and 0 <= self.top_k <= _MAX_TOP_K,
+                "top_k",
+                "must be -1, 0 or a positive int32",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
+            (
+                _finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+                "repetition_penalty",
+                "must be a finite number > 0",
+            ),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
             (_is_int(self.n) and 1 <= self.n <= 128, "n", "must be in [1, 128]"),
@@ -70,7 +96,11 @@ class SamplingParams:
                 "logprobs",
                 "must be in [0, 20]",
             ),
-            (self.seed is None or _is_int(self.seed), "seed", "must be an integer"),
+            (
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= _MAX_SEED),
+                "seed",
+                f"must be an integer in [0, {_MAX_SEED}]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (
                 all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
@@ -86,6 +116,10 @@ class SamplingParams:
         """The params of the index-th of `n` samples: one sequence each, distinct seeds."""
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(**{**self.__dict__, "n": 1, "seed": seed})
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _is_int(value: object) -> bool:

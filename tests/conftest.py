@@ -48,6 +48,8 @@ def assert_no_leaks(engine: Engine) -> None:
     cache = engine.prefix_cache
     if cache is not None:
         cache.check_integrity()
-        assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, "KV pages leaked"
+        assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, (
+            "KV pages leaked"
+        )
         cache.reset()
     assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"

@@ -26,6 +26,8 @@ class Engine:
     ) -> None:
         """`loaded` reuses a model already in memory (its KV cache is rebound to this engine)."""
         self.config = config = config or EngineConfig()
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = config.torch_device()
         dtype = config.torch_dtype(self.device)
         loaded = loaded or load_model(
@@ -44,7 +46,9 @@ class Engine:
         )
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(loaded.model, self.device, dtype, num_pages, page_size)
+        self.runner = ModelRunner(
+            loaded.model, self.device, dtype, num_pages, page_size, loaded.tokenizer.eos_token_ids
+        )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
         )

@@ -35,8 +35,10 @@ class ModelRunner:
         dtype: torch.dtype,
         num_pages: int,
         page_size: int,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
@@ -79,6 +81,7 @@ class ModelRunner:
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
+        self._suppress_early_stops(logits, requests)
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
             generators=[r.generator for r in requests],
@@ -92,6 +95,13 @@ class ModelRunner:
             _token_logprobs(out, requests) if out.logprobs is not None else [None] * len(requests)
         )
         return [SampledToken(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]
+
+    def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """`min_tokens`: a request may not stop (EOS or a stop token id) before it has that many."""
+        for row, req in enumerate(requests):
+            if len(req.output_token_ids) < req.params.min_tokens:
+                stops = list(self.eos_token_ids | set(req.params.stop_token_ids))
+                logits[row, stops] = float("-inf")
 
 
 def _token_logprobs(out, requests: list[Request]) -> list[TokenLogprob | None]:

@@ -59,7 +59,9 @@ class Linear(nn.Module):
             qweight = from_gguf_blocks(source.qtype, source.blocks, source.shape, device)
             if qweight is None and source.qtype.name not in _dequantized_types:
                 _dequantized_types.add(source.qtype.name)
-                logger.info("no %s kernel on %s: dequantizing those weights", source.qtype.name, device)
+                logger.info(
+                    "no %s kernel on %s: dequantizing those weights", source.qtype.name, device
+                )
             return qweight
         if quantization in ("int8", "int4") and device.type == "cpu":
             return quantize(source.to(device), quantization)

@@ -43,8 +43,8 @@ class StreamOptions(APIModel):
 
 
 class GenerationRequest(RequestModel):
-    """What chat and completions requests share; top_k, min_p, repetition_penalty and ignore_eos
-    are vLLM's."""
+    """What chat and completions requests share; top_k, min_p, repetition_penalty, ignore_eos and
+    min_tokens are vLLM's."""
 
     model: str | None = None
     n: int = 1
@@ -58,6 +58,7 @@ class GenerationRequest(RequestModel):
     seed: int | None = Field(None, **_INT64)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
+    min_tokens: int = Field(0, **_INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -81,6 +82,7 @@ class GenerationRequest(RequestModel):
             n=self.n,
             stop=self.stop or [],
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
             logprobs=logprobs,
         )
 

@@ -45,7 +45,7 @@ def test_batch_chunking_and_preemption_change_nothing(make_llm):
     assert token_ids(together.generate(prompts, greedy())) == expected
 
     # 7-token chunks and a pool far smaller than the 16 requests need: preemption must happen.
-    squeezed = make_llm(max_num_batched_tokens=7, num_pages=20)
+    squeezed = make_llm(max_num_batched_tokens=7, num_pages=12, enable_prefix_cache=False)
     assert token_ids(squeezed.generate(prompts, greedy())) == expected
     assert squeezed.engine.scheduler.num_preemptions > 0
 
@@ -101,6 +101,10 @@ def test_finish_reasons_and_eos(make_llm):
         0
     ].outputs[0]
     assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[:2]
+    n = len(full.token_ids)
+    held = llm.generate([prompt], SamplingParams(max_tokens=n + 5, min_tokens=n + 2))[0].outputs[0]
+    assert len(held.token_ids) >= n + 2  # EOS was masked, not just ignored
+    assert not set(held.token_ids[: n + 1]) & llm.tokenizer.eos_token_ids
 
 
 def test_logprobs_of_chosen_token_and_alternatives(make_llm):

@@ -37,14 +37,17 @@ def test_logits_match_transformers(make_llm, reference, default_model):
     top = result.logprobs[0].top
     expected_top = torch.log_softmax(expected, -1).topk(5)
     assert [t for t, _ in top] == expected_top.indices.tolist()
-    torch.testing.assert_close(torch.tensor([v for _, v in top]), expected_top.values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in top]), expected_top.values, atol=1e-4, rtol=0
+    )
 
 
 def test_greedy_continuations_match_transformers(make_llm, reference):
     llm = make_llm()
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
     prompts += [llm.tokenizer.encode(p) for p in PROMPTS[2:]]
-    ours = llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True))
+    # min_tokens is transformers' min_new_tokens: EOS is masked, not just ignored.
+    ours = llm.generate(prompts, SamplingParams(max_tokens=64, min_tokens=64))
     for ids, result in zip(prompts, ours):
         with torch.no_grad():
             expected = reference.generate(

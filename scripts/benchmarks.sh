@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every benchmark recorded in docs/benchmarks.md, sluice and its peers side by side in one
+# run on this machine. JSON lines go to $OUT (default bench_out/), plots beside them.
+#   scripts/benchmarks.sh            # needs .venv (make setup-test) and ../shared/peers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+S=.venv/bin/sluice
+GGUF=$(.venv/bin/python -c "from sluice.loaders.model_path import resolve_model; print(resolve_model())")
+
+offline() {  # batch size, prompts, max input, max output
+  local args=(--batch-size "$1" --num-prompts "$2" --input-len-min 100 --input-len-max "$3"
+              --output-len-min 100 --output-len-max "$4" --output-file "$OUT/offline.jsonl")
+  $S bench offline --backend sluice "${args[@]}" --kv-cache-memory-gb 4
+  $S bench offline --backend transformers "${args[@]}"
+}
+offline 1 4 512 256
+offline 32 64 512 256
+
+$S bench latency --input-len 512 --output-len 128 --iters 3 --output-file "$OUT/latency.jsonl"
+$S bench latency --input-len 512 --output-len 128 --iters 3 --quantization none --output-file "$OUT/latency.jsonl"
+
+bin=$(../shared/peers/llama_server.sh)
+"$bin/llama-bench" -m "$GGUF" -t 2 -p 512 -n 0 -o json > "$OUT/llama_bench_prefill.json"
+"$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -o json > "$OUT/llama_bench_decode.json"
+
+wait_health() { for _ in $(seq 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+GSP=(--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 8
+     --gsp-system-prompt-len 1024 --gsp-question-len 64 --gsp-output-len 64 --max-concurrency 8
+     --request-rate inf --ignore-eos --seed 0)
+RANDOM_LOAD=(--dataset-name random --num-prompts 32 --random-input-len 256 --random-output-len 64
+             --random-range-ratio 0.5 --max-concurrency 8 --request-rate inf --ignore-eos --seed 0)
+serve_bench() {  # label, url, extra args
+  local label=$1 url=$2; shift 2
+  $S bench serve --base-url "$url" "${GSP[@]}" "$@" --output-file "$OUT/serve_gsp_$label.jsonl" --plot "$OUT/serve_gsp_$label.png"
+  $S bench serve --base-url "$url" "${RANDOM_LOAD[@]}" "$@" --output-file "$OUT/serve_random_$label.jsonl"
+}
+
+$S serve --port 8071 --max-num-seqs 8 --kv-cache-memory-gb 4 & pid=$!
+wait_health http://127.0.0.1:8071 && serve_bench sluice http://127.0.0.1:8071
+kill -TERM $pid; wait $pid || true
+
+"$bin/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8072 -t 2 -np 8 -c 16384 --cache-prompt >"$OUT/llama_server.log" 2>&1 & pid=$!
+wait_health http://127.0.0.1:8072 && serve_bench llama http://127.0.0.1:8072 --model smollm2
+kill -TERM $pid; wait $pid || true
