@@ -27,6 +27,14 @@ class Completion:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
+    def add(self, out: RequestOutput) -> None:
+        """Accumulate one step's output of this sample."""
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs
+        if out.finished:
+            self.finish_reason = out.finish_reason.value
+
 
 @dataclass
 class GenerationResult:
@@ -36,12 +44,7 @@ class GenerationResult:
     num_cached_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
-        completion = self.outputs[out.index]
-        completion.text += out.new_text
-        completion.token_ids += out.new_token_ids
-        completion.logprobs += out.logprobs
-        if out.finished:
-            completion.finish_reason = out.finish_reason.value
+        self.outputs[out.index].add(out)
         self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
 

@@ -9,6 +9,7 @@ from sluice.config import ModelConfig
 from sluice.layers.activation import silu_and_mul
 from sluice.layers.attention import AttentionMetadata, PagedAttention
 from sluice.layers.linear import Linear, Quantization
+from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import RotaryEmbedding, inverse_frequencies
 from sluice.loaders.weights import WeightSource, concat_rows, to_dense
@@ -81,7 +82,9 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # dense, exact
+        # A quantized copy that ranks the vocabulary; None when the head runs dense alone.
+        self.quantized_head: Linear | None = Linear(config.hidden_size, config.vocab_size)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -94,7 +97,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        if self.quantized_head is None:
+            return self.lm_head(hidden).float()
+        return shortlisted_logits(hidden, self.quantized_head, self.lm_head.weight)
 
     def load_weights(
         self,
@@ -102,22 +107,30 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         quantization: Quantization = "none",
     ) -> None:
-        """Fill every parameter from HF-named checkpoint tensors; a missing one is an error.
-
-        The output head always stays dense: the quantized kernels return bf16, and bf16 logits
-        turn near-ties into ties (greedy answers agreed with fp32 on 2 of 5 prompts, not 4).
-        """
+        """Fill every parameter from HF-named checkpoint tensors; a missing one is an error."""
         tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
+        heads = (self.lm_head, self.quantized_head)
         for name, module in self.named_modules():
-            if isinstance(module, Linear) and not (tied and module is self.lm_head):
-                mode = "none" if module is self.lm_head else quantization
-                module.load(_linear_source(weights, _checkpoint_name(name)), dtype, mode)
+            if isinstance(module, Linear) and module not in heads:
+                module.load(_linear_source(weights, _checkpoint_name(name)), dtype, quantization)
         for name, param in self.named_parameters():
             if not _is_linear_param(self, name):
                 _copy_into(param, to_dense(_take(weights, _checkpoint_name(name))), name)
         self.to(dtype=dtype)
+        head = _take(weights, "model.embed_tokens.weight" if tied else "lm_head.weight")
         if tied:
             self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.load(head, dtype, "none")
+        self._load_quantized_head(head, dtype, quantization)
+
+    def _load_quantized_head(
+        self, head: WeightSource, dtype: torch.dtype, quantization: Quantization
+    ) -> None:
+        if quantization != "none":
+            self.quantized_head.load(head, dtype, quantization)
+        if quantization == "none" or self.quantized_head.qweight is None:
+            self.quantized_head = None
 
 
 def _checkpoint_name(module_name: str) -> str:

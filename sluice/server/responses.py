@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from sluice.api import Completion
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import TokenLogprob
 from sluice.loaders.tokenizer import Tokenizer
@@ -73,20 +74,12 @@ class ChoiceFormat(ABC):
 
     @abstractmethod
     def response(
-        self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage
+        self, meta: ResponseMeta, choices: list[Completion], usage: Usage
     ) -> BaseModel: ...
 
     def prefix(self, meta: ResponseMeta, choice: int) -> str:
         """Text that goes before a choice's generated text (completions' echo)."""
         return ""
-
-
-@dataclass
-class ChoiceResult:
-    index: int
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 class CompletionFormat(ChoiceFormat):
@@ -115,7 +108,7 @@ class CompletionFormat(ChoiceFormat):
             id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
         )
 
-    def response(self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage) -> BaseModel:
+    def response(self, meta: ResponseMeta, choices: list[Completion], usage: Usage) -> BaseModel:
         return CompletionResponse(
             id=meta.id,
             created=meta.created,
@@ -174,7 +167,7 @@ class ChatFormat(ChoiceFormat):
             id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage
         )
 
-    def response(self, meta: ResponseMeta, choices: list[ChoiceResult], usage: Usage) -> BaseModel:
+    def response(self, meta: ResponseMeta, choices: list[Completion], usage: Usage) -> BaseModel:
         return ChatCompletionResponse(
             id=meta.id,
             created=meta.created,
@@ -266,13 +259,10 @@ async def stream_events(
 async def collect(generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta) -> BaseModel:
     """The whole response, once every choice has finished."""
     usage = UsageCounter(meta)
-    choices = [ChoiceResult(index, fmt.prefix(meta, index)) for index in range(meta.num_choices)]
+    choices = [Completion(index, fmt.prefix(meta, index)) for index in range(meta.num_choices)]
     async for item in generation:
         usage.add(item)
-        choice = choices[item.choice]
-        choice.text += item.output.new_text
-        choice.logprobs += item.output.logprobs
-        choice.finish_reason = _finish_reason(item.output) or choice.finish_reason
+        choices[item.choice].add(item.output)
     return fmt.response(meta, choices, usage.usage())
 
 

@@ -34,8 +34,18 @@ def test_gguf_linears_stay_quantized(quantized_model):
     model = quantized_model.model
     qkv = model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv.qweight, QuantizedWeight) and qkv.weight is None
-    assert model.lm_head.qweight is None  # fp32 logits: bf16 ones would flip near-ties
-    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.lm_head.qweight is None and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.quantized_head.qweight, QuantizedWeight)  # the tied Q8_0 embedding
+
+
+def test_shortlisted_logits_are_exact_where_they_decide(default_model, quantized_model):
+    model = quantized_model.model
+    hidden = torch.randn(5, model.config.hidden_size) * 3
+    exact = torch.nn.functional.linear(hidden, model.lm_head.weight)
+    got = model.compute_logits(hidden)
+    top = exact.topk(8, dim=-1)
+    assert torch.equal(got.topk(8, dim=-1).indices, top.indices)
+    torch.testing.assert_close(got.gather(1, top.indices), top.values, rtol=1e-6, atol=1e-5)
 
 
 def test_perplexity_within_one_percent_of_fp32(default_model, quantized_model):
