@@ -21,7 +21,7 @@ def test_unknown_model_name_is_named_in_the_error():
 
 
 def test_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         resolve_model(tmp_path)
 
 
@@ -31,12 +31,12 @@ def test_folder_without_config_is_refused(tmp_path):
 def test_corrupt_gguf_names_the_file(tmp_path, content):
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
-    with pytest.raises(GGUFError, match="broken.gguf"):
+    with pytest.raises(GGUFError, match=r"broken\.gguf"):
         load_model(resolve_model(path), torch.device("cpu"), torch.float32)
 
 
 def test_truncated_gguf_names_the_file(tmp_path, default_gguf):
     path = tmp_path / "truncated.gguf"
     path.write_bytes(default_gguf.read_bytes()[:5_000_000])
-    with pytest.raises(GGUFError, match="truncated.gguf"):
+    with pytest.raises(GGUFError, match=r"truncated\.gguf"):
         load_model(path, torch.device("cpu"), torch.float32)
