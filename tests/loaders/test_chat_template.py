@@ -7,13 +7,12 @@ from pathlib import Path
 
 import gguf
 import pytest
+import transformers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
 from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat_template
 from sluice.loaders.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 QWEN3_STYLE = """\
 {%- if tools %}

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import gguf
 import pytest
+import transformers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from sluice.loaders.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 FRAGMENTS = [
     *["Hello", "world", "the quick brown fox", "jumps over", "The", "a", "is", "of", "hello"],
