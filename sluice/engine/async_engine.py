@@ -25,6 +25,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
 
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests in flight were aborted and the engine carries on."""
+
+
 @dataclass
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
@@ -99,12 +103,26 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
-        except BaseException as exc:  # a bug in a step: fail every caller rather than hang them
-            logger.exception("engine step failed")
+                    self._step()
+        except BaseException as exc:  # the loop itself broke: fail every caller, never hang them
+            logger.exception("engine thread failed")
             self._error = exc
             for subscriber in list(self._subscribers.values()):
                 subscriber.post(EngineDeadError(f"the engine failed: {exc!r}"))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # A step's failure is a bug we cannot pin on one request: abort all that were in
+            # flight (their pages come back) and keep serving the requests that come next.
+            logger.exception("engine step failed; aborting the requests in flight")
+            for request_id in self.engine.abort_all_requests():
+                subscriber = self._subscribers.get(request_id)
+                if subscriber is not None:
+                    subscriber.post(EngineStepError(f"the engine step failed: {exc!r}"))
+            return
+        self._deliver(outputs)
 
     def _drain_commands(self, block: bool) -> None:
         try:

@@ -127,6 +127,13 @@ class Engine:
                 outputs.append(self._finish(seq, FinishReason.ABORT, [], []))
         return outputs
 
+    def abort_all_requests(self) -> list[str]:
+        """Abort every request in flight; returns their ids."""
+        request_ids = list(self._requests)
+        for request_id in request_ids:
+            self.abort_request(request_id)
+        return request_ids
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 

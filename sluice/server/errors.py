@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sluice.engine.async_engine import EngineDeadError
+from sluice.engine.async_engine import EngineDeadError, EngineStepError
 from sluice.sampling_params import InvalidParameterError
 from sluice.server.protocol import ErrorInfo, ErrorResponse
 
@@ -64,6 +64,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_dead")
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), code="engine_step_failed")
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 
