@@ -53,10 +53,6 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._subscribers)
-
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:

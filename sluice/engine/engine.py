@@ -33,7 +33,6 @@ class Engine:
         loaded = loaded or load_model(
             resolve_model(config.model), self.device, dtype, config.quantization
         )
-        self.loaded = loaded
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         page_size = config.cache.page_size
         num_pages = config.cache.num_pages or max(

@@ -22,6 +22,21 @@ class SampledToken:
     logprob: TokenLogprob | None
 
 
+def allocate_kv_cache(
+    model: LlamaForCausalLM,
+    num_pages: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Give every attention layer zeroed K and V pools; a model serves one cache at a time."""
+    config = model.config
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    for attn in model.attention_layers():
+        attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+
 def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
     return per_token * page_size * dtype.itemsize
@@ -42,14 +57,7 @@ class ModelRunner:
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
-        self._allocate_kv_cache(num_pages, dtype)
-
-    def _allocate_kv_cache(self, num_pages: int, dtype: torch.dtype) -> None:
-        config = self.model.config
-        shape = (num_pages, self.page_size, config.num_kv_heads, config.head_dim)
-        for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        allocate_kv_cache(model, num_pages, page_size, dtype, device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:

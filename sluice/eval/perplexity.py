@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sluice.engine.model_runner import ModelRunner
+from sluice.engine.model_runner import allocate_kv_cache
 from sluice.layers.attention import AttentionMetadata
 from sluice.models.registry import LoadedModel
 
@@ -18,12 +18,13 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], window: int = 512) -> 
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
     page_size = 16
-    ModelRunner(model, device, dtype, num_pages=-(-window // page_size), page_size=page_size)
+    num_pages = -(-window // page_size)
+    allocate_kv_cache(model, num_pages, page_size, dtype, device)
     nll, count = 0.0, 0
     for start in range(0, len(token_ids) - 1, window):
         chunk = token_ids[start : start + window + 1]
         meta = AttentionMetadata.build(
-            [len(chunk) - 1], [0], [list(range(-(-window // page_size)))], page_size, device
+            [len(chunk) - 1], [0], [list(range(num_pages))], page_size, device
         )
         logits = model.compute_logits(model(torch.tensor(chunk[:-1], device=device), meta))
         targets = torch.tensor(chunk[1:], device=device)

@@ -119,11 +119,13 @@ def reference_model(weights: dict[str, torch.Tensor]):
 
 
 def our_logits(path, ids: list[int], quantization: str) -> torch.Tensor:
-    from sluice.engine.model_runner import ModelRunner
+    from sluice.engine.model_runner import allocate_kv_cache
     from sluice.layers.attention import AttentionMetadata
 
     model = load_model(path, torch.device("cpu"), torch.float32, quantization).model
-    ModelRunner(model, torch.device("cpu"), torch.float32, num_pages=8, page_size=16)
+    allocate_kv_cache(
+        model, num_pages=8, page_size=16, dtype=torch.float32, device=torch.device("cpu")
+    )
     meta = AttentionMetadata.build([len(ids)], [0], [list(range(8))], 16, torch.device("cpu"))
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(ids), meta))

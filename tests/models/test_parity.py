@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import VOCAB_SIZE, make_tiny_checkpoint
 
+from sluice.engine.model_runner import allocate_kv_cache
 from sluice.layers.attention import AttentionMetadata
 from sluice.loaders import safetensors
 from sluice.models.registry import MODEL_CLASSES
@@ -18,9 +19,7 @@ def load_ours(folder):
     config = safetensors.read_hf_config(folder)
     model = MODEL_CLASSES[config.architecture](config)
     model.load_weights(safetensors.read_hf_tensors(folder), torch.float32)
-    shape = (256, PAGE_SIZE, config.num_kv_heads, config.head_dim)
-    for attn in model.attention_layers():
-        attn.k_cache, attn.v_cache = torch.zeros(shape), torch.zeros(shape)
+    allocate_kv_cache(model, 256, PAGE_SIZE, torch.float32, torch.device("cpu"))
     return model.eval()
 
 
