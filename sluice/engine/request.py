@@ -81,7 +81,7 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        # Slices only: a decode step asks for one token and must not copy the whole context.
         prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        head = self.prompt_token_ids[start:end] if start < prompt_len else []
+        return head + self.output_token_ids[max(0, start - prompt_len) : max(0, end - prompt_len)]

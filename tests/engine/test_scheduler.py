@@ -117,3 +117,12 @@ def test_random_workload_never_deadlocks_or_leaks(seed):
         assert used == scheduler.kv.pool.num_used
     assert finished == 20
     assert scheduler.kv.pool.num_free == 12
+
+
+def test_token_ids_slice_prompt_and_output_as_one_sequence():
+    req = make_request("a", 3)
+    req.output_token_ids = [7, 8]
+    full = [*req.prompt_token_ids, 7, 8]
+    for start in range(6):
+        for end in range(start, 6):
+            assert req.token_ids(start, end) == full[start:end]
