@@ -68,11 +68,8 @@ class AttentionMetadata:
 
 def _page_table(page_tables: list[list[int]], max_kv: int, page_size: int) -> torch.Tensor:
     pages = -(-max_kv // page_size)
-    table = torch.zeros(len(page_tables), pages, dtype=torch.long)
-    for i, row in enumerate(page_tables):
-        row = row[:pages]
-        table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return table
+    rows = [row[:pages] + [0] * (pages - len(row[:pages])) for row in page_tables]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _group(
