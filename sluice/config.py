@@ -18,10 +18,55 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class GatedDeltaNetConfig:
+    """Qwen3-Next's linear-attention layers (Gated DeltaNet)."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba2 mixer layers of a Mamba2 hybrid (Bamba)."""
+
+    num_heads: int
+    head_dim: int
+    state_size: int
+    num_groups: int
+    conv_kernel: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    time_step_min: float  # dt is clamped to [min, max] after softplus
+    time_step_max: float
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture of experts with an optional sigmoid-gated shared expert (Qwen3-Next)."""
+
+    num_experts: int
+    num_experts_per_token: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    normalize_top_k: bool
+    sparse_step: int  # every `sparse_step`-th layer is MoE...
+    dense_layers: tuple[int, ...] = ()  # ...except these, which keep a dense MLP
+
+
+# Layer kinds of hybrid models, as transformers' `layer_types` names them.
+FULL_ATTENTION = "full_attention"
+LINEAR_ATTENTION = "linear_attention"  # Gated DeltaNet or Mamba2, per the config present
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, read from GGUF metadata or an HF config.json."""
 
-    architecture: str  # "llama" or "qwen3"
+    architecture: str  # "llama", "qwen3", "qwen3_next" or "bamba"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,6 +80,28 @@ class ModelConfig:
     tie_word_embeddings: bool
     qk_norm: bool = False  # Qwen3 normalises q and k per head before rotary
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0  # rotary on the first head_dim * factor dims only
+    # Hybrid models: one entry per layer (FULL_ATTENTION or LINEAR_ATTENTION); () = all attention.
+    layer_types: tuple[str, ...] = ()
+    linear_attention: GatedDeltaNetConfig | None = None
+    mamba: Mamba2Config | None = None
+    moe: MoEConfig | None = None
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Some layers keep a fixed-size recurrent state per request instead of KV."""
+        return LINEAR_ATTENTION in self.layer_types
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers that need KV pages."""
+        if not self.layer_types:
+            return self.num_layers
+        return self.layer_types.count(FULL_ATTENTION)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 @dataclass

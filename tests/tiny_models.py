@@ -41,6 +41,37 @@ def tiny_config(arch: str):
         return transformers.Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=True)
     if arch == "mistral":
         return transformers.MistralConfig(**_COMMON, sliding_window=None, tie_word_embeddings=False)
+    if arch == "qwen3_next":
+        return transformers.Qwen3NextConfig(
+            **{**_COMMON, "num_hidden_layers": 4},
+            head_dim=16,
+            layer_types=[
+                "linear_attention",
+                "full_attention",
+                "linear_attention",
+                "full_attention",
+            ],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            mlp_only_layers=[2],
+            tie_word_embeddings=False,
+        )
+    if arch == "bamba":
+        return transformers.BambaConfig(
+            **{**_COMMON, "num_hidden_layers": 4},
+            attn_layer_indices=[1],
+            mamba_n_heads=4,
+            mamba_n_groups=2,
+            mamba_d_state=16,
+            mamba_chunk_size=8,
+            tie_word_embeddings=False,
+        )
     raise ValueError(arch)
 
 

@@ -6,10 +6,12 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from sluice.config import ModelConfig
 from sluice.engine.request import Request, TokenLogprob
 from sluice.engine.scheduler import ScheduledBatch
+from sluice.layers import state
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.models.llama import LlamaForCausalLM
@@ -37,8 +39,20 @@ def allocate_kv_cache(
         attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
 
+def allocate_state(
+    model: nn.Module, num_slots: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Give every recurrent layer of a hybrid model zeroed state tensors of `num_slots` slots."""
+    for layer in model.state_layers():
+        state.allocate_state(layer, layer.state_spec(dtype), num_slots, device)
+
+
+def state_bytes_per_slot(model: nn.Module, dtype: torch.dtype) -> int:
+    return state.state_bytes_per_slot([layer.state_spec(dtype) for layer in model.state_layers()])
+
+
 def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    per_token = 2 * config.num_attention_layers * config.num_kv_heads * config.head_dim
     return per_token * page_size * dtype.itemsize
 
 

@@ -1,4 +1,8 @@
-"""Rotary position embedding (rotate-half layout), with Llama 3 frequency scaling."""
+"""Rotary position embedding (rotate-half layout), with Llama 3 frequency scaling.
+
+Partial rotary (Qwen3-Next, Bamba) rotates the first `rotary_dim` dims of each head and passes
+the rest through unchanged.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from torch import nn
 from sluice.config import RopeScaling
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is not None:
         inv_freq = _llama3_scaled(inv_freq, scaling)
     return inv_freq.float()
@@ -34,22 +39,28 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to flat [tokens, heads, head_dim] q and k at given positions."""
 
-    def __init__(self, head_dim: int, max_positions: int, inv_freq: torch.Tensor) -> None:
+    def __init__(self, max_positions: int, inv_freq: torch.Tensor) -> None:
         super().__init__()
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
-        self.head_dim = head_dim
+        self.rotary_dim = 2 * inv_freq.numel()
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == x.shape[-1]:
+            return _rotate_half(x, cos, sin)
+        rotary, passed = x.split([self.rotary_dim, x.shape[-1] - self.rotary_dim], dim=-1)
+        return torch.cat((_rotate_half(rotary, cos, sin), passed), dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     first, second = x.float().chunk(2, dim=-1)
     rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
     return rotated.to(x.dtype)

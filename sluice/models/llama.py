@@ -74,8 +74,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         if inv_freq is None:
-            inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, inv_freq)
+            inv_freq = inverse_frequencies(
+                config.rotary_dim, config.rope_theta, config.rope_scaling
+            )
+        rotary = RotaryEmbedding(config.max_position_embeddings, inv_freq)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(

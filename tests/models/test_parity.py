@@ -4,52 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_harness import PagedRunner, load_ours
 from tiny_models import VOCAB_SIZE, make_tiny_checkpoint
 
-from sluice.engine.model_runner import allocate_kv_cache
-from sluice.layers.attention import AttentionMetadata
-from sluice.loaders import safetensors
-from sluice.models.registry import MODEL_CLASSES
-
-PAGE_SIZE = 4
 TOLERANCE = 1e-4
-
-
-def load_ours(folder):
-    config = safetensors.read_hf_config(folder)
-    model = MODEL_CLASSES[config.architecture](config)
-    model.load_weights(safetensors.read_hf_tensors(folder), torch.float32)
-    allocate_kv_cache(model, 256, PAGE_SIZE, torch.float32, torch.device("cpu"))
-    return model.eval()
-
-
-class PagedRunner:
-    """Feeds chunks of several sequences through the model, each with its own page table."""
-
-    def __init__(self, model, num_seqs: int) -> None:
-        self.model = model
-        # Interleave page ids across sequences so a wrong page table cannot go unnoticed.
-        self.tables = [list(range(s, 256, num_seqs)) for s in range(num_seqs)]
-        self.done = [0] * num_seqs
-
-    @torch.inference_mode()
-    def run(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        seqs = list(chunks)
-        meta = AttentionMetadata.build(
-            [len(chunks[s]) for s in seqs],
-            [self.done[s] for s in seqs],
-            [self.tables[s] for s in seqs],
-            PAGE_SIZE,
-            torch.device("cpu"),
-        )
-        ids = torch.tensor([t for s in seqs for t in chunks[s]])
-        logits = self.model.compute_logits(self.model(ids, meta))
-        out, start = {}, 0
-        for s in seqs:
-            out[s] = logits[start : start + len(chunks[s])]
-            start += len(chunks[s])
-            self.done[s] += len(chunks[s])
-        return out
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "mistral"])

@@ -1,0 +1,59 @@
+"""Drive our model code directly (no engine) on tiny checkpoints: pages and state slots by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from sluice.engine.model_runner import allocate_kv_cache, allocate_state
+from sluice.layers.attention import AttentionMetadata
+from sluice.layers.state import StateMetadata
+from sluice.loaders import safetensors
+from sluice.models.registry import MODEL_CLASSES
+
+PAGE_SIZE = 4
+NUM_PAGES = 256
+
+
+def load_ours(folder, num_seqs: int = 8):
+    config = safetensors.read_hf_config(folder)
+    model = MODEL_CLASSES[config.architecture](config)
+    model.load_weights(safetensors.read_hf_tensors(folder), torch.float32)
+    allocate_kv_cache(model, NUM_PAGES, PAGE_SIZE, torch.float32, torch.device("cpu"))
+    if config.is_hybrid:
+        allocate_state(model, 2 * num_seqs + 1, torch.float32, torch.device("cpu"))
+    return model.eval()
+
+
+class PagedRunner:
+    """Feeds chunks of several sequences through the model, each with its own page table and,
+    for hybrid models, its own state slot."""
+
+    def __init__(self, model, num_seqs: int) -> None:
+        self.model = model
+        # Interleave page ids across sequences, and skip every other state slot, so a wrong page
+        # table or slot cannot go unnoticed.
+        self.tables = [list(range(s, NUM_PAGES, num_seqs)) for s in range(num_seqs)]
+        self.slots = [2 * s + 1 for s in range(num_seqs)]
+        self.done = [0] * num_seqs
+
+    @torch.inference_mode()
+    def run(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        seqs = list(chunks)
+        lens = [len(chunks[s]) for s in seqs]
+        device = torch.device("cpu")
+        meta = AttentionMetadata.build(
+            lens, [self.done[s] for s in seqs], [self.tables[s] for s in seqs], PAGE_SIZE, device
+        )
+        ids = torch.tensor([t for s in seqs for t in chunks[s]])
+        if self.model.config.is_hybrid:
+            state = StateMetadata.build(lens, [self.slots[s] for s in seqs], device)
+            hidden = self.model(ids, meta, state)
+        else:
+            hidden = self.model(ids, meta)
+        logits = self.model.compute_logits(hidden)
+        out, start = {}, 0
+        for s in seqs:
+            out[s] = logits[start : start + len(chunks[s])]
+            start += len(chunks[s])
+            self.done[s] += len(chunks[s])
+        return out
