@@ -6,7 +6,6 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from sluice.config import ModelConfig
 from sluice.engine.request import Request, TokenLogprob
@@ -14,7 +13,7 @@ from sluice.engine.scheduler import ScheduledBatch
 from sluice.layers import state
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
-from sluice.models.llama import LlamaForCausalLM
+from sluice.models.base import CausalLM
 
 
 @dataclass
@@ -25,7 +24,7 @@ class SampledToken:
 
 
 def allocate_kv_cache(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     num_pages: int,
     page_size: int,
     dtype: torch.dtype,
@@ -40,14 +39,14 @@ def allocate_kv_cache(
 
 
 def allocate_state(
-    model: nn.Module, num_slots: int, dtype: torch.dtype, device: torch.device
+    model: CausalLM, num_slots: int, dtype: torch.dtype, device: torch.device
 ) -> None:
     """Give every recurrent layer of a hybrid model zeroed state tensors of `num_slots` slots."""
     for layer in model.state_layers():
         state.allocate_state(layer, layer.state_spec(dtype), num_slots, device)
 
 
-def state_bytes_per_slot(model: nn.Module, dtype: torch.dtype) -> int:
+def state_bytes_per_slot(model: CausalLM, dtype: torch.dtype) -> int:
     return state.state_bytes_per_slot([layer.state_spec(dtype) for layer in model.state_layers()])
 
 
@@ -59,7 +58,7 @@ def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         device: torch.device,
         dtype: torch.dtype,
         num_pages: int,

@@ -14,16 +14,17 @@ from sluice.layers.linear import Quantization
 from sluice.layers.rotary import inverse_frequencies
 from sluice.loaders import gguf, safetensors
 from sluice.loaders.tokenizer import Tokenizer
+from sluice.models.base import CausalLM
 from sluice.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
 
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     config: ModelConfig
     tokenizer: Tokenizer
     path: Path
@@ -62,4 +63,4 @@ def _gguf_inverse_frequencies(reader, config: ModelConfig) -> torch.Tensor | Non
     factors = gguf.rope_frequency_factors(reader)
     if factors is None:
         return None
-    return inverse_frequencies(config.head_dim, config.rope_theta, None) / factors
+    return inverse_frequencies(config.rotary_dim, config.rope_theta, None) / factors
