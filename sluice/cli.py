@@ -27,7 +27,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--page-size", type=int, default=16)
-    group.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    group.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=2.0,
+        help="memory for KV pages (and, for hybrid models, recurrent-state slots)",
+    )
+    group.add_argument(
+        "--state-pool-ratio",
+        type=float,
+        default=0.5,
+        help="hybrid models: share of the cache memory given to recurrent-state slots",
+    )
     group.add_argument("--max-num-batched-tokens", type=int, default=512)
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument(
@@ -44,6 +55,7 @@ ENGINE_OPTIONS = (
     "max_model_len",
     "page_size",
     "kv_cache_memory_gb",
+    "state_pool_ratio",
     "max_num_batched_tokens",
     "max_num_seqs",
     "threads",

@@ -106,12 +106,25 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    """The paged KV pool: `page_size` tokens a page, as many pages as the memory budget holds."""
+    """The paged KV pool: `page_size` tokens a page, as many pages as the memory budget holds.
+
+    Hybrid models split the budget: `state_pool_ratio` of it buys state slots (one per running
+    request, the rest for prefix-cache checkpoints), the remainder KV pages for the attention
+    layers.
+    """
 
     page_size: int = 16
     memory_budget_bytes: int = 1 << 30
     num_pages: int | None = None  # overrides the budget (tests force small pools with it)
     enable_prefix_cache: bool = True
+    state_pool_ratio: float = 0.5
+    num_state_slots: int | None = None  # overrides the ratio
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.state_pool_ratio < 1.0:
+            raise ValueError(f"state_pool_ratio must be in (0, 1), got {self.state_pool_ratio}")
+        if self.num_state_slots is not None and self.num_state_slots < 1:
+            raise ValueError(f"num_state_slots must be >= 1, got {self.num_state_slots}")
 
 
 @dataclass
@@ -160,6 +173,8 @@ class EngineConfig:
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
         enable_prefix_cache: bool = True,
+        state_pool_ratio: float = 0.5,
+        num_state_slots: int | None = None,
         threads: int | None = None,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
@@ -171,7 +186,12 @@ class EngineConfig:
             max_model_len=max_model_len,
             threads=threads,
             cache=CacheConfig(
-                page_size, int(kv_cache_memory_gb * (1 << 30)), num_pages, enable_prefix_cache
+                page_size,
+                int(kv_cache_memory_gb * (1 << 30)),
+                num_pages,
+                enable_prefix_cache,
+                state_pool_ratio,
+                num_state_slots,
             ),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
         )

@@ -12,7 +12,7 @@ from sluice.engine.engine import Engine
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests share tiny_models.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +43,18 @@ def make_llm(default_model):
 
 
 def assert_no_leaks(engine: Engine) -> None:
-    """Every page is free or held once by the prefix cache; dropping the cache frees them all."""
+    """Every page (and state slot) is free or held once by the prefix cache; dropping the cache
+    frees them all."""
     assert not engine.has_unfinished_requests()
-    cache = engine.prefix_cache
+    cache, slots = engine.prefix_cache, engine.state_pool
     if cache is not None:
         cache.check_integrity()
         assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, (
             "KV pages leaked"
         )
+        if slots is not None:
+            assert slots.num_free + cache.num_checkpoints == slots.num_slots, "state slots leaked"
         cache.reset()
     assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
+    if slots is not None:
+        assert slots.num_free == slots.num_slots, "state slots leaked"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sluice.bench.tiny_checkpoint import VOCAB_SIZE
 from sluice.engine.model_runner import allocate_kv_cache, allocate_state
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.state import StateMetadata
@@ -35,6 +36,9 @@ class PagedRunner:
         self.tables = [list(range(s, NUM_PAGES, num_seqs)) for s in range(num_seqs)]
         self.slots = [2 * s + 1 for s in range(num_seqs)]
         self.done = [0] * num_seqs
+        for layer in model.state_layers():  # fresh sequences start from zero state
+            for name in layer.state_spec(torch.float32):
+                getattr(layer, name)[self.slots] = 0
 
     @torch.inference_mode()
     def run(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -57,3 +61,13 @@ class PagedRunner:
             start += len(chunks[s])
             self.done[s] += len(chunks[s])
         return out
+
+
+def reference_logits(reference, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0]
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]

@@ -27,6 +27,7 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # arrivals of chunks that carried text
     end: float = 0.0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache, per `usage`
     error: str | None = None  # the client also sets one when no text arrived: no TTFT then
 
     @property
@@ -80,6 +81,7 @@ class ServeMetrics:
     duration_s: float
     input_tokens: int  # of completed requests
     output_tokens: int  # of completed requests
+    cached_input_tokens: int  # of input_tokens, those the server's prefix cache supplied
     ttft: LatencyStats
     tpot: LatencyStats
     itl: LatencyStats
@@ -105,6 +107,8 @@ class ServeMetrics:
             "duration_s": self.duration_s,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "prefill_tokens_computed": self.input_tokens - self.cached_input_tokens,
             "request_throughput": self.request_throughput,
             "input_throughput": self.input_throughput,
             "output_throughput": self.output_throughput,
@@ -125,6 +129,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> ServeMetri
         duration_s=duration_s,
         input_tokens=sum(r.prompt_len for r in done),
         output_tokens=sum(r.output_tokens for r in done),
+        cached_input_tokens=sum(r.cached_tokens for r in done),
         ttft=LatencyStats.of([r.ttft for r in done]),
         tpot=LatencyStats.of([t for r in done if (t := r.tpot) is not None]),
         itl=LatencyStats.of([gap for r in done for gap in r.itls]),

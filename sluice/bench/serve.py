@@ -100,7 +100,7 @@ async def stream_request(
 
 
 async def _read_stream(response: httpx.Response, record: RequestRecord, clock: Clock) -> None:
-    usage_tokens = None
+    usage = None
     async for data in _sse_data(response):
         chunk = json.loads(data)
         if "error" in chunk:
@@ -108,9 +108,12 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, clock: C
             return
         if any(choice.get("text") for choice in chunk.get("choices") or []):
             record.chunk_times.append(clock())
-        if chunk.get("usage"):
-            usage_tokens = chunk["usage"].get("completion_tokens")
-    record.output_tokens = len(record.chunk_times) if usage_tokens is None else usage_tokens
+        usage = chunk.get("usage") or usage
+    if usage is None:
+        record.output_tokens = len(record.chunk_times)
+        return
+    record.output_tokens = usage.get("completion_tokens") or 0
+    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
 async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
@@ -221,6 +224,7 @@ def summary_rows(config: LoadConfig, metrics: ServeMetrics) -> list[tuple[str, o
         ("Benchmark duration (s)", metrics.duration_s),
         ("Total input tokens", metrics.input_tokens),
         ("Total generated tokens", metrics.output_tokens),
+        ("Input tokens from the prefix cache", metrics.cached_input_tokens),
         ("Request throughput (req/s)", metrics.request_throughput),
         ("Input token throughput (tok/s)", metrics.input_throughput),
         ("Output token throughput (tok/s)", metrics.output_throughput),

@@ -3,6 +3,11 @@
 Plain Python, no torch. Page references: a request holds one reference on every page in its
 page table (matched from the prefix cache or newly allocated) and releases them all when it
 finishes or is preempted; the prefix cache holds one more on every page it keeps.
+
+Hybrid models add a state slot per request (see `StatePool`): taken when the request is admitted,
+filled from the prefix cache's checkpoint or zeroed, given back with its pages. Their prefill
+chunks end on page boundaries so the state after each chunk can be checkpointed on the tree node
+that ends there.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from sluice.engine.request import Request
+from sluice.engine.state_pool import StatePool
 
 if TYPE_CHECKING:
-    from sluice.engine.prefix_cache import PrefixCache
+    from sluice.engine.prefix_cache import PrefixCache, RadixNode
 
 
 class OutOfPagesError(RuntimeError):
@@ -66,11 +72,16 @@ class KVCacheManager:
     """Grows and frees request page tables; the scheduler asks it whether a step fits."""
 
     def __init__(
-        self, pool: PagePool, page_size: int, prefix_cache: PrefixCache | None = None
+        self,
+        pool: PagePool,
+        page_size: int,
+        prefix_cache: PrefixCache | None = None,
+        state_pool: StatePool | None = None,
     ) -> None:
         self.pool = pool
         self.page_size = page_size
         self.prefix_cache = prefix_cache
+        self.state_pool = state_pool
 
     @property
     def capacity_tokens(self) -> int:
@@ -104,6 +115,37 @@ class KVCacheManager:
         request.num_inserted_pages = len(hit.page_ids)
         request.num_computed_tokens = hit.num_tokens
         request.num_cached_tokens = min(hit.num_tokens, request.num_prompt_tokens)
+        request.checkpoint_target = hit.num_kv_tokens if hit.num_kv_tokens > hit.num_tokens else 0
+
+    def acquire_state(self, request: Request) -> bool:
+        """Give an admitted request of a hybrid model its state slot, holding the state after its
+        computed tokens: the matched checkpoint's copy, or zeros. False if no slot can be had."""
+        pool = self.state_pool
+        if pool is None or request.state_slot is not None:
+            return True
+        if pool.num_free == 0 and self.prefix_cache is not None:
+            self.prefix_cache.evict_checkpoints(1, keep=request.prefix_node)
+        if pool.num_free == 0:
+            return False
+        request.state_slot = pool.allocate()
+        if request.num_computed_tokens:
+            pool.copy(request.prefix_node.state_checkpoint, request.state_slot)
+        else:
+            pool.zero(request.state_slot)
+        return True
+
+    def align_chunk(self, request: Request, num_tokens: int) -> int:
+        """Shorten a hybrid model's prefill chunk to end on a page boundary (or at the branch point
+        its match found), so the state after it can be checkpointed. Chunks within one page,
+        decodes among them, stay as they are."""
+        if self.state_pool is None or self.prefix_cache is None:
+            return num_tokens
+        start = request.num_computed_tokens
+        end = start + num_tokens
+        if start < request.checkpoint_target < end:
+            return request.checkpoint_target - start
+        aligned_end = end // self.page_size * self.page_size
+        return aligned_end - start if aligned_end > start else num_tokens
 
     def cache_computed(self, request: Request) -> None:
         """Offer the request's newly completed full pages to the prefix cache.
@@ -119,6 +161,22 @@ class KVCacheManager:
         self._adopt_pages(request, self.prefix_cache.prefix_pages(node))
         self._move_lock(request, node)
         request.num_inserted_pages = full_pages
+        if request.state_slot is not None and request.num_computed_tokens == len(tokens):
+            self._checkpoint(request, node)
+
+    def _checkpoint(self, request: Request, node: RadixNode) -> None:
+        """Checkpoint the request's state on `node`, which ends at its computed tokens. Past the
+        prompt only the newest checkpoint is kept: a later turn of the conversation resumes from
+        there, and one checkpoint per page of output would crowd out the shared prompts'."""
+        cache = self.prefix_cache
+        if not cache.add_checkpoint(node, request.state_slot):
+            return
+        if request.num_computed_tokens <= request.num_prompt_tokens:
+            return
+        previous = request.output_checkpoint
+        if previous is not None and previous is not node and previous.state_checkpoint is not None:
+            cache.drop_checkpoint(previous)
+        request.output_checkpoint = node
 
     def free(self, request: Request) -> None:
         """Release everything a finished or preempted request holds, caching its prefix first."""
@@ -127,6 +185,11 @@ class KVCacheManager:
         self.pool.release(request.page_ids)
         request.page_ids = []
         request.num_inserted_pages = 0
+        request.checkpoint_target = 0
+        request.output_checkpoint = None
+        if request.state_slot is not None:
+            self.state_pool.free(request.state_slot)
+            request.state_slot = None
 
     def _adopt_pages(self, request: Request, cached_pages: list[int]) -> None:
         duplicates = [
@@ -137,7 +200,7 @@ class KVCacheManager:
             self.pool.release([request.page_ids[i]])
             request.page_ids[i] = page
 
-    def _move_lock(self, request: Request, node) -> None:
+    def _move_lock(self, request: Request, node: RadixNode | None) -> None:
         if node is not None:
             self.prefix_cache.lock(node)
         if request.prefix_node is not None:

@@ -6,13 +6,19 @@ import logging
 
 import torch
 
-from sluice.config import EngineConfig
+from sluice.config import CacheConfig, EngineConfig
 from sluice.engine.cache_manager import KVCacheManager, PagePool
-from sluice.engine.model_runner import ModelRunner, SampledToken, kv_bytes_per_page
+from sluice.engine.model_runner import (
+    ModelRunner,
+    SampledToken,
+    kv_bytes_per_page,
+    state_bytes_per_slot,
+)
 from sluice.engine.output import RequestOutput, TextStream
 from sluice.engine.prefix_cache import PrefixCache
 from sluice.engine.request import FinishReason, Request, TokenLogprob
 from sluice.engine.scheduler import Scheduler
+from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import InvalidParameterError, SamplingParams
@@ -35,18 +41,29 @@ class Engine:
         )
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         page_size = config.cache.page_size
+        self.state_pool = _state_pool(config.cache, loaded, dtype)
+        kv_budget = config.cache.memory_budget_bytes
+        if self.state_pool is not None:
+            kv_budget -= self.state_pool.num_slots * state_bytes_per_slot(loaded.model, dtype)
         num_pages = config.cache.num_pages or max(
-            1,
-            config.cache.memory_budget_bytes // kv_bytes_per_page(loaded.config, page_size, dtype),
+            1, kv_budget // kv_bytes_per_page(loaded.config, page_size, dtype)
         )
         self.pool = PagePool(num_pages)
         self.prefix_cache = (
-            PrefixCache(self.pool, page_size) if config.cache.enable_prefix_cache else None
+            PrefixCache(self.pool, page_size, self.state_pool)
+            if config.cache.enable_prefix_cache
+            else None
         )
-        self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache)
+        self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(
-            loaded.model, self.device, dtype, num_pages, page_size, loaded.tokenizer.eos_token_ids
+            loaded.model,
+            self.device,
+            dtype,
+            num_pages,
+            page_size,
+            loaded.tokenizer.eos_token_ids,
+            self.state_pool,
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -54,6 +71,8 @@ class Engine:
         self._requests: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._streams: dict[Request, TextStream] = {}
         logger.info("KV cache: %d pages of %d tokens on %s", num_pages, page_size, self.device)
+        if self.state_pool is not None:
+            logger.info("state pool: %d slots", self.state_pool.num_slots)
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -206,3 +225,12 @@ class Engine:
             logprobs=logprobs,
             queue_time=req.queue_time,
         )
+
+
+def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> StatePool | None:
+    """Hybrid models: as many state slots as their share of the cache memory holds."""
+    if not loaded.config.is_hybrid:
+        return None
+    slot_bytes = state_bytes_per_slot(loaded.model, dtype)
+    budget = int(cache.memory_budget_bytes * cache.state_pool_ratio)
+    return StatePool(cache.num_state_slots or max(1, budget // slot_bytes))

@@ -10,9 +10,10 @@ import torch
 from sluice.config import ModelConfig
 from sluice.engine.request import Request, TokenLogprob
 from sluice.engine.scheduler import ScheduledBatch
-from sluice.layers import state
+from sluice.engine.state_pool import StateOp, StatePool
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
+from sluice.layers.state import StateMetadata, bind_state, spec_bytes
 from sluice.models.base import CausalLM
 
 
@@ -43,11 +44,11 @@ def allocate_state(
 ) -> None:
     """Give every recurrent layer of a hybrid model zeroed state tensors of `num_slots` slots."""
     for layer in model.state_layers():
-        state.allocate_state(layer, layer.state_spec(dtype), num_slots, device)
+        bind_state(layer, layer.state_spec(dtype), num_slots, device)
 
 
 def state_bytes_per_slot(model: CausalLM, dtype: torch.dtype) -> int:
-    return state.state_bytes_per_slot([layer.state_spec(dtype) for layer in model.state_layers()])
+    return spec_bytes([layer.state_spec(dtype) for layer in model.state_layers()])
 
 
 def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -64,18 +65,33 @@ class ModelRunner:
         num_pages: int,
         page_size: int,
         eos_token_ids: frozenset[int] = frozenset(),
+        state_pool: StatePool | None = None,
     ) -> None:
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
+        self.state_pool = state_pool
         allocate_kv_cache(model, num_pages, page_size, dtype, device)
+        if state_pool is not None:
+            allocate_state(model, state_pool.num_slots, dtype, device)
+            self._state_tensors = [
+                getattr(layer, name)
+                for layer in model.state_layers()
+                for name in layer.state_spec(dtype)
+            ]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
         input_ids, meta = self._prepare_inputs(batch)
-        hidden = self.model(input_ids, meta)
+        if self.state_pool is None:
+            hidden = self.model(input_ids, meta)
+        else:
+            self._apply_state_ops(self.state_pool.take_ops())
+            slots = [req.state_slot for req in batch.requests]
+            state = StateMetadata.build(batch.num_tokens, slots, self.device)
+            hidden = self.model(input_ids, meta, state)
         to_sample = [
             (row, req)
             for row, (req, n) in enumerate(zip(batch.requests, batch.num_tokens))
@@ -87,6 +103,15 @@ class ModelRunner:
         rows = torch.tensor([last_token_rows[row] - 1 for row, _ in to_sample], device=self.device)
         logits = self.model.compute_logits(hidden[rows])
         return self._sample(logits, [req for _, req in to_sample])
+
+    def _apply_state_ops(self, ops: list[StateOp]) -> None:
+        """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
+        for op in ops:
+            for tensor in self._state_tensors:
+                if op.source is None:
+                    tensor[op.target].zero_()
+                else:
+                    tensor[op.target].copy_(tensor[op.source])
 
     def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttentionMetadata]:
         token_ids: list[int] = []

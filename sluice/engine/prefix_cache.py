@@ -21,6 +21,21 @@ checkpoint stays valid. Lock counts run up the path, so an unlocked node's subtr
 
 LRU uses a counter bumped once per `match`/`insert`; every node on the touched path gets the same
 tick, so a parent is never older than its children and eviction order is deterministic.
+
+Hybrid models (recurrent layers beside attention), in the spirit of SGLang's MambaRadixCache.
+A recurrent state cannot be rolled back to an earlier token, so KV pages alone cannot resume a
+request: it also needs the state after the prefix's last token. A node may therefore hold a
+state checkpoint (a slot of the `StatePool`, owned by the tree):
+- `match` ends at the deepest node on the matched path that holds one and returns its slot; the
+  caller copies it into the request's own slot (copy-on-match), so the request never writes into
+  a checkpoint. `num_kv_tokens` says how far the KV alone matched: the caller can stop its first
+  chunk there so the branch point gets a checkpoint too.
+- `add_checkpoint` copies a request's state into a fresh slot on the node ending at the request's
+  computed tokens (after a page-aligned prefill chunk, and at finish when aligned).
+- Checkpoints have their own LRU order (touched when created or matched) and may be evicted from
+  any node, locked or not; the node stays as a tombstone whose KV still serves deeper matches.
+  Removing a node (KV eviction) drops its checkpoint with it. A split leaves the checkpoint on
+  the deeper half, which still ends at the same token.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sluice.engine.cache_manager import PagePool
+from sluice.engine.state_pool import StatePool
 
 ChildKey = tuple[int, ...] | str  # first page's tokens below a namespace node, the namespace above
 
@@ -45,23 +61,27 @@ class RadixNode:
     children: dict[ChildKey, RadixNode] = field(default_factory=dict)
     lock_count: int = 0  # locks on this node plus every lock below it
     last_access: int = 0
-    # Hybrid (recurrent-state) models: a state slot holding the recurrent state after this
-    # node's last token. Unused so far; a split leaves it on the deeper half.
+    # Hybrid models: the state slot holding the recurrent state after this node's last token.
     state_checkpoint: int | None = None
+    checkpoint_access: int = 0  # the checkpoints' own LRU clock
 
 
 class MatchResult(NamedTuple):
     node: RadixNode  # deepest matched node (the root when nothing matched)
     page_ids: list[int]  # the KV pages holding the matched prefix, in order
     num_tokens: int  # == len(page_ids) * page_size
+    checkpoint: int | None = None  # hybrid models: the state slot to copy (None: start from 0)
+    num_kv_tokens: int = 0  # hybrid models: how far the KV pages alone matched
 
 
 class PrefixCache:
-    def __init__(self, pool: PagePool, page_size: int) -> None:
+    def __init__(self, pool: PagePool, page_size: int, state_pool: StatePool | None = None) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.pool = pool
         self.page_size = page_size
+        self.state_pool = state_pool  # set for hybrid models: matches need a state checkpoint
+        self._checkpoints: set[RadixNode] = set()
         self._serial = 0
         self._clock = 0
         self._num_cached_pages = 0
@@ -71,7 +91,8 @@ class PrefixCache:
     # --- lookups -----------------------------------------------------------------------------
 
     def match(self, token_ids: Sequence[int], namespace: str = "") -> MatchResult:
-        """Longest cached whole-page prefix, leaving at least the last token to compute."""
+        """Longest cached whole-page prefix, leaving at least the last token to compute; for
+        hybrid models the longest one that also has a state checkpoint."""
         tokens = tuple(token_ids)
         max_pages = max(0, (len(tokens) - 1) // self.page_size)
         node = self.root.children.get(namespace)
@@ -90,9 +111,23 @@ class PrefixCache:
             num_pages += matched
             node = child
         self._touch(node)
+        if self.state_pool is not None:
+            return self._checkpointed_match(node, num_pages * self.page_size)
         if not page_ids:
             return MatchResult(self.root, [], 0)
         return MatchResult(node, page_ids, num_pages * self.page_size)
+
+    def _checkpointed_match(self, node: RadixNode, num_kv_tokens: int) -> MatchResult:
+        step = node
+        while step.state_checkpoint is None and step.parent is not None:
+            step = step.parent
+        if step.state_checkpoint is None:
+            return MatchResult(self.root, [], 0, None, num_kv_tokens)
+        step.checkpoint_access = self._clock
+        pages = self.prefix_pages(step)
+        return MatchResult(
+            step, pages, len(pages) * self.page_size, step.state_checkpoint, num_kv_tokens
+        )
 
     def prefix_pages(self, node: RadixNode) -> list[int]:
         """The tree's pages for the whole prefix ending at `node`, root first."""
@@ -111,6 +146,10 @@ class PrefixCache:
             for top in self._unlocked_subtree_roots()
             for node in self._subtree(top)
         )
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self._checkpoints)
 
     # --- locks -------------------------------------------------------------------------------
 
@@ -157,6 +196,44 @@ class PrefixCache:
             node = child
         self._touch(node)
         return node
+
+    # --- state checkpoints (hybrid models) ----------------------------------------------------
+
+    def add_checkpoint(self, node: RadixNode, source_slot: int) -> bool:
+        """Checkpoint the state in `source_slot` (after `node`'s last token) onto `node`.
+
+        False when no slot is free even after evicting older checkpoints: caching is best effort.
+        """
+        assert self.state_pool is not None and node.page_ids, "checkpoints go on page nodes"
+        self._clock += 1
+        if node.state_checkpoint is None:
+            if self.state_pool.num_free == 0:
+                self.evict_checkpoints(1)
+            if self.state_pool.num_free == 0:
+                return False
+            node.state_checkpoint = self.state_pool.allocate()
+            self.state_pool.copy(source_slot, node.state_checkpoint)
+            self._checkpoints.add(node)
+        node.checkpoint_access = self._clock
+        return True
+
+    def evict_checkpoints(self, num_slots: int, keep: RadixNode | None = None) -> int:
+        """Free up to `num_slots` checkpoints, least recently used first, sparing `keep`'s."""
+        victims = heapq.nsmallest(
+            num_slots,
+            (n for n in self._checkpoints if n is not keep),
+            key=lambda n: (n.checkpoint_access, n.serial),
+        )
+        for node in victims:
+            self.drop_checkpoint(node)
+        return len(victims)
+
+    def drop_checkpoint(self, node: RadixNode) -> None:
+        """Free `node`'s checkpoint; the node stays, a tombstone."""
+        assert self.state_pool is not None and node.state_checkpoint is not None
+        self.state_pool.free(node.state_checkpoint)
+        node.state_checkpoint = None
+        self._checkpoints.discard(node)
 
     # --- eviction ----------------------------------------------------------------------------
 
@@ -219,6 +296,24 @@ class PrefixCache:
         stray = [node.serial for node in self._own_locks if node not in reachable]
         assert not stray, f"locked nodes {stray} are no longer in the tree"
         self._check_lock_counts(root)
+        self._check_checkpoints(reachable)
+
+    def _check_checkpoints(self, reachable: set[RadixNode]) -> None:
+        holders = {node for node in reachable if node.state_checkpoint is not None}
+        assert holders == self._checkpoints, (
+            f"nodes {sorted(n.serial for n in holders ^ self._checkpoints)} disagree with the "
+            "checkpoint index"
+        )
+        slots: dict[int, RadixNode] = {}
+        for node in holders:
+            assert node.page_ids, f"node {node.serial} holds a checkpoint but no pages"
+            other = slots.setdefault(node.state_checkpoint, node)
+            assert other is node, (
+                f"state slot {node.state_checkpoint} is in nodes {other.serial} and {node.serial}"
+            )
+            assert self.state_pool is not None and self.state_pool.is_allocated(
+                node.state_checkpoint
+            ), f"checkpoint slot {node.state_checkpoint} of node {node.serial} is free in the pool"
 
     def _check_page_node(self, node: RadixNode, seen_pages: dict[int, RadixNode]) -> None:
         assert node.page_ids, f"node {node.serial} holds no pages"
@@ -302,6 +397,8 @@ class PrefixCache:
         assert parent is not None and not node.children and node.lock_count == 0
         del parent.children[node.key[: self.page_size]]
         node.parent = None
+        if node.state_checkpoint is not None:
+            self.drop_checkpoint(node)
         self.pool.release(node.page_ids)
         self._num_cached_pages -= len(node.page_ids)
 

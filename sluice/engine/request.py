@@ -56,6 +56,11 @@ class Request:
     cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
     prefix_node: RadixNode | None = None  # deepest prefix-cache node this request holds a lock on
     num_inserted_pages: int = 0  # leading pages of page_ids already offered to the prefix cache
+    # Hybrid models: the state slot this request owns while admitted, the token count (the
+    # prefix cache's branch point) at which its next chunk should end to be checkpointed there.
+    state_slot: int | None = None
+    checkpoint_target: int = 0
+    output_checkpoint: RadixNode | None = None  # its newest checkpoint past the prompt
 
     @property
     def num_prompt_tokens(self) -> int:

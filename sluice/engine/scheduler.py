@@ -4,6 +4,9 @@ One rule, as in vLLM v1: a request's computed tokens catch up toward its total t
 per-step token budget. A prefill chunk, a decode and a recompute after preemption are all the
 same rule. Running requests go first (oldest first); when pages run out the newest running
 request is preempted (its pages freed, recomputed later) so the older ones can go on.
+
+Hybrid models: a request is admitted only when it gets both its pages and a state slot, and
+preemption gives back both.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_tokens = min(request.num_pending_tokens, budget)
+            num_tokens = self._chunk_size(request, budget)
             if not self._make_room(request, num_tokens, batch):
                 break  # the request itself was preempted: nothing newer is left to run
             self.kv.allocate(request, num_tokens)
@@ -81,6 +84,9 @@ class Scheduler:
             budget -= num_tokens
             index += 1
         return budget
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        return self.kv.align_chunk(request, min(request.num_pending_tokens, budget))
 
     def _make_room(self, request: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
         while not self.kv.can_allocate(request, num_tokens):
@@ -106,8 +112,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             self.kv.match_prefix(request)
-            num_tokens = min(request.num_pending_tokens, budget)
-            if not self.kv.can_allocate(request, num_tokens):
+            num_tokens = self._chunk_size(request, budget)
+            if not self.kv.can_allocate(request, num_tokens) or not self.kv.acquire_state(request):
                 self._release(request)
                 break
             self.waiting.popleft()

@@ -1,9 +1,21 @@
-"""RMSNorm, computed in float32 whatever the activation dtype, as the reference does."""
+"""RMSNorm and its variants, computed in float32 whatever the activation dtype, as the references do.
+
+- RMSNorm: x / rms(x) * weight (Llama, Qwen3).
+- ZeroCenteredRMSNorm: x / rms(x) * (1 + weight); Qwen3-Next stores the weight as an offset from 1.
+- GatedRMSNorm: x / rms(x) * weight * silu(z), the output norm of a Gated DeltaNet mixer.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -13,7 +25,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * _rms_normalize(x, self.eps).to(x.dtype)
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scale is applied in float32 before the cast back, unlike RMSNorm (as the reference).
+        return (_rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        normed = self.weight * _rms_normalize(x, self.eps).to(x.dtype)
+        return (normed * F.silu(z.float())).to(x.dtype)

@@ -60,7 +60,7 @@ class StateMetadata:
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state name -> per-slot shape, dtype
 
 
-def allocate_state(
+def bind_state(
     layer: torch.nn.Module, spec: StateSpec, num_slots: int, device: torch.device
 ) -> None:
     """Bind zeroed `[num_slots, *shape]` state tensors to `layer` as attributes named in `spec`."""
@@ -68,7 +68,7 @@ def allocate_state(
         setattr(layer, name, torch.zeros((num_slots, *shape), dtype=dtype, device=device))
 
 
-def state_bytes_per_slot(specs: list[StateSpec]) -> int:
+def spec_bytes(specs: list[StateSpec]) -> int:
     return sum(
         dtype.itemsize * torch.Size(shape).numel()
         for spec in specs

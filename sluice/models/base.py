@@ -8,6 +8,8 @@ in FUSED_PROJECTIONS and loaded as their parts stacked by rows.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -26,6 +28,9 @@ FUSED_PROJECTIONS = {
 
 
 class CausalLM(nn.Module):
+    # Our top-level module -> the checkpoint's name for it, where a model's differs (under `model.`).
+    CHECKPOINT_RENAMES: ClassVar[dict[str, str]] = {}
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -60,10 +65,11 @@ class CausalLM(nn.Module):
         heads = (self.lm_head, self.quantized_head)
         for name, module in self.named_modules():
             if isinstance(module, Linear) and module not in heads:
-                module.load(_linear_source(weights, _checkpoint_name(name)), dtype, quantization)
+                source = _linear_source(weights, self._checkpoint_name(name))
+                module.load(source, dtype, quantization)
         for name, param in self.named_parameters():
             if not _is_linear_param(self, name):
-                _copy_into(param, to_dense(_take(weights, _checkpoint_name(name))), name)
+                _copy_into(param, to_dense(_take(weights, self._checkpoint_name(name))), name)
         self.to(dtype=dtype)
         head = _take(weights, "model.embed_tokens.weight" if tied else "lm_head.weight")
         if tied:
@@ -72,6 +78,13 @@ class CausalLM(nn.Module):
             self.lm_head.load(head, dtype, "none")
         self._load_quantized_head(head, dtype, quantization)
 
+    def _checkpoint_name(self, module_name: str) -> str:
+        """Our module path -> the HF checkpoint name (HF nests everything but lm_head under `model.`)."""
+        if module_name.startswith("lm_head"):
+            return module_name
+        top, dot, rest = module_name.partition(".")
+        return "model." + self.CHECKPOINT_RENAMES.get(top, top) + dot + rest
+
     def _load_quantized_head(
         self, head: WeightSource, dtype: torch.dtype, quantization: Quantization
     ) -> None:
@@ -79,13 +92,6 @@ class CausalLM(nn.Module):
             self.quantized_head.load(head, dtype, quantization)
         if quantization == "none" or self.quantized_head.qweight is None:
             self.quantized_head = None
-
-
-def _checkpoint_name(module_name: str) -> str:
-    """Our module path -> the HF checkpoint name (HF nests everything but lm_head under `model.`)."""
-    if module_name.startswith("lm_head"):
-        return module_name
-    return "model." + module_name
 
 
 def _linear_source(weights: dict[str, WeightSource], name: str) -> WeightSource:

@@ -1,4 +1,7 @@
-"""The Llama family (Llama 2/3, Mistral, SmolLM2) and Qwen3, which adds per-head q/k RMSNorm."""
+"""The Llama family (Llama 2/3, Mistral, SmolLM2) and Qwen3, which adds per-head q/k RMSNorm.
+
+Hybrid models reuse the attention (with an output gate, Qwen3-Next), the MLP and the rotary setup.
+"""
 
 from __future__ import annotations
 
@@ -15,35 +18,58 @@ from sluice.models.base import CausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    """With `output_gate`, q_proj yields a query and a gate per head (interleaved per head, as
+    Qwen3-Next stores them) and the attention output is scaled by sigmoid(gate)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        qk_norm_type: type[nn.Module] = RMSNorm,
+        output_gate: bool = False,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
+        self.output_gate = output_gate
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size)
+        q_rows = 2 * q_size if output_gate else q_size
+        self.split_sizes = [q_rows, kv_size, kv_size]
+        self.qkv_proj = Linear(config.hidden_size, q_rows + 2 * kv_size)
         self.o_proj = Linear(q_size, config.hidden_size)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = qk_norm_type(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = qk_norm_type(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
+        q, gate = self._query_and_gate(q)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(meta.positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        out = self.attn(q, k, v, meta)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _query_and_gate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.output_gate:
+            return q.view(-1, self.num_heads, self.head_dim), None
+        q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        return q, gate.reshape(-1, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """SwiGLU MLP; `intermediate_size` overrides the config's (MoE experts are narrower)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -65,11 +91,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__(config)
-        if inv_freq is None:
-            inv_freq = inverse_frequencies(
-                config.rotary_dim, config.rope_theta, config.rope_scaling
-            )
-        rotary = RotaryEmbedding(config.max_position_embeddings, inv_freq)
+        rotary = rotary_embedding(config, inv_freq)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers)
         )
@@ -80,3 +102,10 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             x = layer(x, meta)
         return self.norm(x)
+
+
+def rotary_embedding(config: ModelConfig, inv_freq: torch.Tensor | None) -> RotaryEmbedding:
+    """One table shared by all layers; `inv_freq` comes from a loader that knows better (GGUF)."""
+    if inv_freq is None:
+        inv_freq = inverse_frequencies(config.rotary_dim, config.rope_theta, config.rope_scaling)
+    return RotaryEmbedding(config.max_position_embeddings, inv_freq)

@@ -14,12 +14,19 @@ from sluice.layers.linear import Quantization
 from sluice.layers.rotary import inverse_frequencies
 from sluice.loaders import gguf, safetensors
 from sluice.loaders.tokenizer import Tokenizer
+from sluice.models.bamba import BambaForCausalLM
 from sluice.models.base import CausalLM
 from sluice.models.llama import LlamaForCausalLM
+from sluice.models.qwen3_next import Qwen3NextForCausalLM
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "qwen3": LlamaForCausalLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "bamba": BambaForCausalLM,
+    "qwen3_next": Qwen3NextForCausalLM,
+}
 
 
 @dataclass

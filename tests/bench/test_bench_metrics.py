@@ -46,12 +46,14 @@ def test_latency_stats_of_nothing_is_none() -> None:
 def test_summarize() -> None:
     records = [
         RequestRecord(10, start=0.0, chunk_times=[0.25, 0.5, 1.0], end=1.0, output_tokens=3),
-        RequestRecord(20, start=1.0, chunk_times=[1.5, 2.0], end=2.5, output_tokens=2),
-        RequestRecord(99, start=1.0, end=1.5, error="HTTP 500: boom"),
+        RequestRecord(20, 1.0, [1.5, 2.0], end=2.5, output_tokens=2, cached_tokens=16),
+        RequestRecord(99, start=1.0, end=1.5, cached_tokens=64, error="HTTP 500: boom"),
     ]
     metrics = summarize(records, duration_s=4.0)
     assert (metrics.completed, metrics.failed) == (2, 1)
     assert (metrics.input_tokens, metrics.output_tokens) == (30, 5)  # failures count nothing
+    assert metrics.cached_input_tokens == 16
+    assert metrics.as_record()["prefill_tokens_computed"] == 14
     assert metrics.request_throughput == 0.5
     assert metrics.input_throughput == 7.5
     assert metrics.output_throughput == 1.25

@@ -23,6 +23,7 @@ from sluice.cli import main as sluice_main
 class FakeServerSettings:
     tokens_per_chunk: int = 1
     send_usage: bool = True
+    cached_tokens: int = 0
     fail_max_tokens: set[int] = field(default_factory=set)  # answer HTTP 500 to these
     payloads: list[dict] = field(default_factory=list)
 
@@ -50,7 +51,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._event({"choices": [{"index": 0, "text": text, "finish_reason": None}]})
         self._event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
         if settings.send_usage and payload.get("stream_options", {}).get("include_usage"):
-            self._event({"choices": [], "usage": {"completion_tokens": max_tokens}})
+            usage = {
+                "completion_tokens": max_tokens,
+                "prompt_tokens_details": {"cached_tokens": settings.cached_tokens},
+            }
+            self._event({"choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _event(self, chunk: dict) -> None:
@@ -125,8 +130,10 @@ def test_without_ignore_eos_sends_no_min_tokens(fake_server) -> None:
 def test_usage_wins_over_counting_chunks(fake_server) -> None:
     url, settings = fake_server
     settings.tokens_per_chunk = 2
+    settings.cached_tokens = 2
     result = run(LoadConfig(url), requests_with_outputs(5))
     assert result.records[0].output_tokens == 5
+    assert result.records[0].cached_tokens == 2
     assert len(result.records[0].chunk_times) == 3
 
     settings.send_usage = False

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_harness import PagedRunner, load_ours
-from tiny_models import VOCAB_SIZE, make_tiny_checkpoint
+from model_harness import PagedRunner, load_ours, prompts, reference_logits
+
+from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 
 TOLERANCE = 1e-4
 
@@ -15,16 +16,6 @@ def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     reference = make_tiny_checkpoint(request.param, folder)
     return reference, load_ours(folder)
-
-
-def reference_logits(reference, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return reference(torch.tensor([ids])).logits[0]
-
-
-def prompts(lengths, seed=0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_batched_prefill_matches_reference(checkpoint):
