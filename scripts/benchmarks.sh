@@ -44,3 +44,18 @@ kill -TERM $pid; wait $pid || true
 "$bin/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8072 -t 2 -np 8 -c 16384 --cache-prompt >"$OUT/llama_server.log" 2>&1 & pid=$!
 wait_health http://127.0.0.1:8072 && serve_bench llama http://127.0.0.1:8072 --model smollm2
 kill -TERM $pid; wait $pid || true
+
+# Hybrid model (tiny random Qwen3-Next: 8 layers, DeltaNet and attention taking turns, hidden
+# 256): the hybrid prefix cache (state checkpoints) on and off on a shared-prefix workload.
+TINY="$OUT/tiny-qwen3-next"
+.venv/bin/python -m sluice.bench.tiny_checkpoint qwen3_next "$TINY" --hidden-size 256 --num-layers 8 --max-positions 4096
+HYBRID_GSP=(--dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8
+            --gsp-system-prompt-len 1024 --gsp-question-len 64 --gsp-output-len 32 --max-concurrency 4
+            --request-rate inf --ignore-eos --seed 0 --tokenizer-model "$TINY" --prompt-format ids)
+for cache in on off; do
+  flags=(); [ "$cache" = off ] && flags=(--no-prefix-cache)
+  $S serve --model "$TINY" --port 8073 --max-num-seqs 4 "${flags[@]}" & pid=$!
+  wait_health http://127.0.0.1:8073 && $S bench serve --base-url http://127.0.0.1:8073 "${HYBRID_GSP[@]}" \
+    --output-file "$OUT/hybrid_gsp_cache_$cache.jsonl" --plot "$OUT/hybrid_gsp_cache_$cache.png"
+  kill -TERM $pid; wait $pid || true
+done

@@ -87,18 +87,23 @@ class TextPromptSampler:
 
 
 def round_trip_token_ids(tokenizer: Tokenizer) -> list[int]:
-    """Tokens spelled as a space then ASCII letters that encode back to themselves alone."""
+    """Tokens that encode back to themselves alone when written after a space: byte-level BPE
+    tokens spelled as a space then ASCII letters, or whole ASCII words of a word-level vocabulary
+    (whose decoder puts the spaces between them)."""
     pool = []
     for token_id in range(tokenizer.vocab_size):
-        if tokenizer.is_special(token_id):
+        if tokenizer.is_special(token_id) or not _is_plain_word(tokenizer.token_bytes(token_id)):
             continue
-        spelling = tokenizer.token_bytes(token_id)
-        word = spelling[1:]
-        if spelling[:1] != b" " or not (word.isascii() and word.isalpha()):
-            continue
-        if tokenizer.encode(spelling.decode(), add_special_tokens=False) == [token_id]:
+        word = tokenizer.token_bytes(token_id).removeprefix(b" ").decode()
+        if tokenizer.encode(" " + word, add_special_tokens=False) == [token_id]:
             pool.append(token_id)
     return pool
+
+
+def _is_plain_word(spelling: bytes) -> bool:
+    if spelling[:1] == b" ":
+        return spelling[1:].isascii() and spelling[1:].isalpha()
+    return spelling.isascii() and spelling.isalnum()
 
 
 @dataclass(frozen=True)

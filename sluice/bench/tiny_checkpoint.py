@@ -50,12 +50,6 @@ def tiny_config(arch: str):
         return transformers.Qwen3NextConfig(
             **{**_COMMON, "num_hidden_layers": 4},
             head_dim=16,
-            layer_types=[
-                "linear_attention",
-                "full_attention",
-                "linear_attention",
-                "full_attention",
-            ],
             linear_num_key_heads=2,
             linear_num_value_heads=4,
             linear_key_head_dim=16,
@@ -91,6 +85,9 @@ def make_tiny_checkpoint(arch: str, folder: Path, seed: int = 0, **sizes: int):
     config = tiny_config(arch)
     for name, value in sizes.items():
         setattr(config, name, value)
+    if arch == "qwen3_next":  # DeltaNet and full attention take turns
+        kinds = ("linear_attention", "full_attention")
+        config.layer_types = [kinds[i % 2] for i in range(config.num_hidden_layers)]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # default init is near-uniform; widen it so logits have structure
         for p in model.parameters():
@@ -152,8 +149,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden-size", type=int, default=None)
     parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--max-positions", type=int, default=None, help="context length")
     args = parser.parse_args()
-    sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers}
+    sizes = {
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "max_position_embeddings": args.max_positions,
+    }
     make_tiny_checkpoint(
         args.arch, args.folder, args.seed, **{k: v for k, v in sizes.items() if v is not None}
     )

@@ -128,6 +128,8 @@ class ServerMetrics:
                 lambda: _cached_pages(engine),
             ),
         ]
+        if engine.state_pool is not None:
+            gauges += _state_gauges(engine)
         for name, documentation, read in gauges:
             Gauge(f"sluice:{name}", documentation, registry=self.registry).set_function(read)
 
@@ -136,6 +138,24 @@ class ServerMetrics:
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(f"sluice:{name}", documentation, buckets=buckets, registry=self.registry)
+
+
+def _state_gauges(engine: Engine) -> list[tuple[str, str, Callable[[], float]]]:
+    """Hybrid models: the recurrent-state slot pool beside the KV pages."""
+    pool = engine.state_pool
+    return [
+        (
+            "state_slots_used",
+            "Recurrent-state slots in use: running requests' and prefix-cache checkpoints.",
+            lambda: pool.num_slots - pool.num_free,
+        ),
+        ("state_slots_total", "Recurrent-state slots in the pool.", lambda: pool.num_slots),
+        (
+            "state_checkpoints",
+            "Recurrent-state checkpoints the prefix cache keeps.",
+            lambda: engine.prefix_cache.num_checkpoints if engine.prefix_cache else 0,
+        ),
+    ]
 
 
 def _cached_pages(engine: Engine) -> int:
