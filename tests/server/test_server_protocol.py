@@ -84,7 +84,11 @@ def test_served_model_name(model, name):
 
 # What ServerMetrics reads of an Engine.
 IDLE_ENGINE = SimpleNamespace(
-    num_running=0, num_waiting=0, prefix_cache=None, pool=SimpleNamespace(num_used=0, num_pages=8)
+    num_running=0,
+    num_waiting=0,
+    prefix_cache=None,
+    state_pool=None,
+    pool=SimpleNamespace(num_used=0, num_pages=8),
 )
 
 
