@@ -23,10 +23,14 @@ class AttentionGroup:
     token_index: torch.Tensor  # [Tg] the group's tokens in the step's flat token order
     page_tables: torch.Tensor  # [Bg, pages] page ids, padded with 0
     query_scatter: torch.Tensor  # [Tg] each token's row in the padded [Bg * max_query_len]
-    mask: torch.Tensor  # [Bg, 1, max_query_len, max_kv_len] True where a query may attend
+    # [Bg, 1, max_query_len, max_kv_len] True where a query may attend; None when every query
+    # sees every key (decodes of equal context length)
+    mask: torch.Tensor | None
     num_seqs: int
     max_query_len: int
     max_kv_len: int
+    # A lone sequence whose pages are consecutive reads them as a slice of the pool, not a copy.
+    first_page: int | None = None
 
 
 @dataclass
@@ -87,19 +91,42 @@ def _group(
     local_seq = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)
     offset = torch.arange(int(q_lens.sum())) - (torch.cumsum(q_lens, 0) - q_lens)[local_seq]
     token_index = starts[torch.tensor(seqs)][local_seq] + offset
-    query_pos = torch.zeros(len(seqs), max_q, dtype=torch.long)
-    query_pos[local_seq, offset] = ctx[local_seq] + offset
-    mask = torch.arange(max_kv).view(1, 1, -1) <= query_pos.unsqueeze(-1)
     pages = -(-max_kv // page_size)
+    group_table = table[torch.tensor(seqs), :pages]
     return AttentionGroup(
         token_index=token_index.to(device),
-        page_tables=table[torch.tensor(seqs), :pages].to(device),
+        page_tables=group_table.to(device),
         query_scatter=(local_seq * max_q + offset).to(device),
-        mask=mask.unsqueeze(1).to(device),
+        mask=_mask(local_seq, offset, ctx, max_q, max_kv, device),
         num_seqs=len(seqs),
         max_query_len=max_q,
         max_kv_len=max_kv,
+        first_page=_first_of_consecutive(group_table),
     )
+
+
+def _mask(
+    local_seq: torch.Tensor,
+    offset: torch.Tensor,
+    ctx: torch.Tensor,
+    max_q: int,
+    max_kv: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    if max_q == 1 and bool((ctx == ctx[0]).all()):
+        return None
+    query_pos = torch.zeros(len(ctx), max_q, dtype=torch.long)
+    query_pos[local_seq, offset] = ctx[local_seq] + offset
+    mask = torch.arange(max_kv).view(1, 1, -1) <= query_pos.unsqueeze(-1)
+    return mask.unsqueeze(1).to(device)
+
+
+def _first_of_consecutive(group_table: torch.Tensor) -> int | None:
+    if group_table.shape[0] != 1:
+        return None
+    row = group_table[0]
+    first = int(row[0])
+    return first if torch.equal(row, torch.arange(first, first + row.numel())) else None
 
 
 class PagedAttention(nn.Module):
@@ -133,7 +160,7 @@ class PagedAttention(nn.Module):
             queries, keys, values, attn_mask=group.mask, scale=self.scale, enable_gqa=True
         )
         out = out.transpose(1, 2).reshape(group.num_seqs * group.max_query_len, -1)
-        return out[group.query_scatter]
+        return out if group.max_query_len == 1 else out[group.query_scatter]
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
@@ -142,10 +169,16 @@ class PagedAttention(nn.Module):
 
     @staticmethod
     def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        pages = cache[group.page_tables]  # [B, pages, page_size, kv_heads, dim]
+        if group.first_page is not None:
+            num_pages = group.page_tables.shape[1]
+            pages = cache[group.first_page : group.first_page + num_pages].unsqueeze(0)
+        else:
+            pages = cache[group.page_tables]  # [B, pages, page_size, kv_heads, dim]
         return pages.flatten(1, 2)[:, : group.max_kv_len].transpose(1, 2)  # [B, kv_heads, kv, dim]
 
     def _pad_queries(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        if group.max_query_len == 1:  # decodes: one query each, already in group order
+            return q.unsqueeze(2)  # [B, heads, 1, dim]
         padded = q.new_zeros(group.num_seqs * group.max_query_len, self.num_heads, self.head_dim)
         padded[group.query_scatter] = q.to(padded.dtype)
         shape = (group.num_seqs, group.max_query_len, self.num_heads, self.head_dim)

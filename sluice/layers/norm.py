@@ -13,9 +13,8 @@ from torch import nn
 
 
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim, in float32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """x / rms(x) over the last dim, in float32. One fused op: a decode step runs 60 of these."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
 class RMSNorm(nn.Module):

@@ -45,13 +45,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.rotary_dim = 2 * inv_freq.numel()
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._angles(positions)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, looked up once per step: every layer shares this module
+        and gets the same positions tensor."""
+        if self._step is None or self._step[0] is not positions:
+            self._step = (
+                positions,
+                self.cos[positions].unsqueeze(1),
+                self.sin[positions].unsqueeze(1),
+            )
+        return self._step[1], self._step[2]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim == x.shape[-1]:
