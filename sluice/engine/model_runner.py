@@ -14,6 +14,7 @@ from sluice.engine.state_pool import StateOp, StatePool
 from sluice.layers.attention import AttentionMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import StateMetadata, bind_state, spec_bytes
+from sluice.memory import lazy_zeros
 from sluice.models.base import CausalLM
 
 
@@ -35,8 +36,8 @@ def allocate_kv_cache(
     config = model.config
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        attn.k_cache = lazy_zeros(shape, dtype, device)
+        attn.v_cache = lazy_zeros(shape, dtype, device)
 
 
 def allocate_state(

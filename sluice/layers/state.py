@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sluice.memory import lazy_zeros
+
 
 @dataclass(frozen=True)
 class PrefillRun:
@@ -65,7 +67,7 @@ def bind_state(
 ) -> None:
     """Bind zeroed `[num_slots, *shape]` state tensors to `layer` as attributes named in `spec`."""
     for name, (shape, dtype) in spec.items():
-        setattr(layer, name, torch.zeros((num_slots, *shape), dtype=dtype, device=device))
+        setattr(layer, name, lazy_zeros((num_slots, *shape), dtype, device))
 
 
 def spec_bytes(specs: list[StateSpec]) -> int:

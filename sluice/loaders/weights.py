@@ -9,6 +9,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+_DEQUANTIZE_CHUNK_VALUES = 1 << 22
+
 
 @dataclass
 class GGUFQuantTensor:
@@ -19,7 +21,15 @@ class GGUFQuantTensor:
     shape: tuple[int, int]  # (out, in), PyTorch order
 
     def dequantize(self) -> torch.Tensor:
-        return torch.from_numpy(dequantize(self.blocks, self.qtype).reshape(self.shape).copy())
+        """float32 [out, in], dequantized a few MB of rows at a time: in one go, gguf's numpy
+        temporaries would cost several times the result (~0.4 GB for an embedding table)."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        rows_per_chunk = max(1, _DEQUANTIZE_CHUNK_VALUES // self.shape[1])
+        for start in range(0, self.shape[0], rows_per_chunk):
+            rows = self.blocks[start : start + rows_per_chunk]
+            values = dequantize(rows, self.qtype).reshape(len(rows), self.shape[1])
+            out[start : start + len(rows)] = torch.from_numpy(values)
+        return out
 
     def permute_rows(self, order: np.ndarray) -> GGUFQuantTensor:
         return GGUFQuantTensor(self.qtype, self.blocks[order], self.shape)

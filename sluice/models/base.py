@@ -19,6 +19,7 @@ from sluice.layers.linear import Linear, Quantization
 from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
 from sluice.loaders.weights import WeightSource, concat_rows, to_dense
+from sluice.memory import release_freed_heap
 
 # Checkpoint projections that we run as one fused matmul: fused name -> its parts, in order.
 FUSED_PROJECTIONS = {
@@ -34,7 +35,9 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Left uninitialised (not resident): the checkpoint's table replaces it.
+        empty = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=empty)
         self.embed_tokens.weight.requires_grad_(False)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)  # dense, exact
@@ -67,6 +70,7 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear) and module not in heads:
                 source = _linear_source(weights, self._checkpoint_name(name))
                 module.load(source, dtype, quantization)
+                release_freed_heap()
         for name, param in self.named_parameters():
             if not _is_linear_param(self, name):
                 _copy_into(param, to_dense(_take(weights, self._checkpoint_name(name))), name)

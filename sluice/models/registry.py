@@ -14,6 +14,7 @@ from sluice.layers.linear import Quantization
 from sluice.layers.rotary import inverse_frequencies
 from sluice.loaders import gguf, safetensors
 from sluice.loaders.tokenizer import Tokenizer
+from sluice.memory import release_freed_heap
 from sluice.models.bamba import BambaForCausalLM
 from sluice.models.base import CausalLM
 from sluice.models.llama import LlamaForCausalLM
@@ -56,6 +57,8 @@ def load_model(
         model = MODEL_CLASSES[config.architecture](config, inv_freq)
     model.load_weights(weights, dtype, quantization)
     model.eval()
+    del weights
+    release_freed_heap()
     logger.info(
         "loaded %s (%s, %s) in %.1fs",
         path.name,
