@@ -71,3 +71,26 @@ def reference_logits(reference, ids: list[int]) -> torch.Tensor:
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
+
+
+def check_batched_greedy_decode(
+    reference,
+    runner: PagedRunner,
+    last: dict[int, torch.Tensor],
+    batch: list[list[int]],
+    steps: int,
+    atol: float,
+) -> None:
+    """Greedy-decode every sequence of `batch` `steps` times, all in one batch each step, starting
+    from its `last` logits, and compare every step's logits with the reference's. The reference
+    is causal, so one forward over each final sequence gives its logits at every step."""
+    decoded: dict[int, list[torch.Tensor]] = {i: [] for i in last}
+    for _ in range(steps):
+        next_ids = {i: int(logits.argmax()) for i, logits in last.items()}
+        for i, logits in runner.run({i: [token] for i, token in next_ids.items()}).items():
+            batch[i].append(next_ids[i])
+            decoded[i].append(logits[-1])
+            last[i] = logits[-1]
+    for i, steps_logits in decoded.items():
+        expected = reference_logits(reference, batch[i])[-steps:]
+        torch.testing.assert_close(torch.stack(steps_logits), expected, atol=atol, rtol=0)

@@ -14,7 +14,7 @@ from sluice.layers.mamba2 import Mamba2Mixer
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import RotaryEmbedding
 from sluice.layers.state import StateMetadata
-from sluice.models.base import CausalLM
+from sluice.models.base import HybridCausalLM
 from sluice.models.llama import LlamaAttention, LlamaMLP, rotary_embedding
 
 
@@ -41,7 +41,7 @@ class BambaDecoderLayer(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-class BambaForCausalLM(CausalLM):
+class BambaForCausalLM(HybridCausalLM):
     CHECKPOINT_RENAMES: ClassVar[dict[str, str]] = {"norm": "final_layernorm"}
 
     def __init__(self, config: ModelConfig, inv_freq: torch.Tensor | None = None) -> None:
@@ -50,12 +50,3 @@ class BambaForCausalLM(CausalLM):
         self.layers = nn.ModuleList(
             BambaDecoderLayer(config, layer_type, rotary) for layer_type in config.layer_types
         )
-
-    def forward(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, state: StateMetadata
-    ) -> torch.Tensor:
-        """Flat tokens of all scheduled requests in, final hidden states out."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, meta, state)
-        return self.norm(x)

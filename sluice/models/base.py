@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from sluice.config import ModelConfig
-from sluice.layers.attention import PagedAttention
+from sluice.layers.attention import AttentionMetadata, PagedAttention
 from sluice.layers.linear import Linear, Quantization
 from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
+from sluice.layers.state import StateMetadata
 from sluice.loaders.weights import WeightSource, concat_rows, to_dense
 from sluice.memory import release_freed_heap
 
@@ -96,6 +97,20 @@ class CausalLM(nn.Module):
             self.quantized_head.load(head, dtype, quantization)
         if quantization == "none" or self.quantized_head.qweight is None:
             self.quantized_head = None
+
+
+class HybridCausalLM(CausalLM):
+    """A model whose layers mix tokens either by attention (KV pages) or by a recurrence (state
+    slots); every layer gets both views of the step and uses its own."""
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, state: StateMetadata
+    ) -> torch.Tensor:
+        """Flat tokens of all scheduled requests in, final hidden states out."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, meta, state)
+        return self.norm(x)
 
 
 def _linear_source(weights: dict[str, WeightSource], name: str) -> WeightSource:

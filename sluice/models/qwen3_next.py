@@ -20,7 +20,7 @@ from sluice.layers.moe import SparseMoE, is_sparse_layer
 from sluice.layers.norm import ZeroCenteredRMSNorm
 from sluice.layers.rotary import RotaryEmbedding
 from sluice.layers.state import StateMetadata
-from sluice.models.base import CausalLM
+from sluice.models.base import HybridCausalLM
 from sluice.models.llama import LlamaAttention, LlamaMLP, rotary_embedding
 
 
@@ -51,7 +51,7 @@ class Qwen3NextDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen3NextForCausalLM(CausalLM):
+class Qwen3NextForCausalLM(HybridCausalLM):
     def __init__(self, config: ModelConfig, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__(config)
         self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -59,12 +59,3 @@ class Qwen3NextForCausalLM(CausalLM):
         self.layers = nn.ModuleList(
             Qwen3NextDecoderLayer(config, i, rotary) for i in range(config.num_layers)
         )
-
-    def forward(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, state: StateMetadata
-    ) -> torch.Tensor:
-        """Flat tokens of all scheduled requests in, final hidden states out."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, meta, state)
-        return self.norm(x)

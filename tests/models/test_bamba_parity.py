@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_harness import PagedRunner, load_ours, prompts, reference_logits
+from model_harness import (
+    PagedRunner,
+    check_batched_greedy_decode,
+    load_ours,
+    prompts,
+    reference_logits,
+)
 
 from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 
@@ -52,13 +58,4 @@ def test_batched_greedy_decode_matches_reference(checkpoint):
     batch = prompts([11, 6], seed=2)
     runner = PagedRunner(ours, len(batch))
     last = {i: logits[-1] for i, logits in runner.run(dict(enumerate(batch))).items()}
-    decoded: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(batch))}
-    for _ in range(32):
-        next_ids = {i: int(logits.argmax()) for i, logits in last.items()}
-        for i, logits in runner.run({i: [token] for i, token in next_ids.items()}).items():
-            batch[i].append(next_ids[i])
-            decoded[i].append(logits[-1])
-            last[i] = logits[-1]
-    for i, ids in enumerate(batch):
-        expected = reference_logits(reference, ids)[-32:]
-        torch.testing.assert_close(torch.stack(decoded[i]), expected, atol=TOLERANCE, rtol=0)
+    check_batched_greedy_decode(reference, runner, last, batch, 32, TOLERANCE)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_harness import PagedRunner, load_ours, prompts, reference_logits
+from model_harness import (
+    PagedRunner,
+    check_batched_greedy_decode,
+    load_ours,
+    prompts,
+    reference_logits,
+)
 
 from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 
@@ -40,11 +46,4 @@ def test_chunked_prefill_and_decode_match_reference(checkpoint):
             expected = reference_logits(reference, batch[i][: start + len(chunk)])[start:]
             torch.testing.assert_close(got[i], expected, atol=TOLERANCE, rtol=0)
             last[i] = got[i][-1]
-    for _ in range(8):  # greedy decode steps, both sequences in one batch
-        next_ids = {i: int(logits.argmax()) for i, logits in last.items()}
-        got = runner.run({i: [token] for i, token in next_ids.items()})
-        for i, token in next_ids.items():
-            batch[i].append(token)
-            expected = reference_logits(reference, batch[i])[-1]
-            torch.testing.assert_close(got[i][-1], expected, atol=TOLERANCE, rtol=0)
-            last[i] = got[i][-1]
+    check_batched_greedy_decode(reference, runner, last, batch, 8, TOLERANCE)

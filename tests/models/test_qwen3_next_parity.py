@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_harness import PagedRunner, load_ours, prompts, reference_logits
+from model_harness import (
+    PagedRunner,
+    check_batched_greedy_decode,
+    load_ours,
+    prompts,
+    reference_logits,
+)
 
 from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 
@@ -48,11 +54,4 @@ def test_batched_greedy_decode_matches_reference(checkpoint):
     batch = prompts([40, 9], seed=2)
     runner = PagedRunner(ours, len(batch))
     last = {i: logits[-1] for i, logits in runner.run(dict(enumerate(batch))).items()}
-    for _ in range(32):  # both sequences decode in one batch every step
-        next_ids = {i: int(logits.argmax()) for i, logits in last.items()}
-        got = runner.run({i: [token] for i, token in next_ids.items()})
-        for i, token in next_ids.items():
-            batch[i].append(token)
-            expected = reference_logits(reference, batch[i])[-1]
-            torch.testing.assert_close(got[i][-1], expected, atol=TOLERANCE, rtol=0)
-            last[i] = got[i][-1]
+    check_batched_greedy_decode(reference, runner, last, batch, 32, TOLERANCE)
