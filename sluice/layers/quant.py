@@ -91,6 +91,20 @@ class Int4PackedWeight(QuantizedWeight):
             f"planes={self.planes}, group_size={self.group_size}"
         )
 
+    @staticmethod
+    def stack_rows(parts: list[Int4PackedWeight]) -> Int4PackedWeight:
+        """One weight from row slices packed separately (all but the last a multiple of
+        `_PACK_CHUNK_ROWS` rows, so only the last one carries padding rows)."""
+        whole = parts[0]
+        if len(parts) == 1:
+            return whole
+        assert all(p.out_features % _PACK_CHUNK_ROWS == 0 for p in parts[:-1])
+        whole.packed = torch.cat([p.packed for p in parts])
+        whole.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+        whole.out_features = sum(p.out_features for p in parts)
+        whole.padded = parts[-1].padded
+        return whole
+
     def matmul(self, x: Tensor) -> Tensor:
         # Decoding makes hundreds of these calls per token on tiny inputs, where each no-op
         # reshape or cast would cost about a microsecond next to a kernel of a few: skip them.
@@ -257,14 +271,22 @@ def from_gguf_blocks(
             f"got {tuple(blocks.shape)}"
         )
     decode, planes = _GGUF_FORMATS[qtype]
-    q, scale, offset = decode(blocks.reshape(-1, type_size))
-    return _from_affine_groups(
-        torch.from_numpy(q).reshape(shape),
-        torch.from_numpy(scale).reshape(out_features, -1),
-        torch.from_numpy(offset).reshape(out_features, -1),
-        planes,
-        GGUF_GROUP_SIZE,
-    )
+    parts = []
+    # A slice of rows at a time: decoding a whole embedding-sized matrix at once holds several
+    # times its packed size in temporaries (int16 codes, uint8 planes, padding copies).
+    for start in range(0, out_features, _PACK_CHUNK_ROWS):
+        rows = blocks[start : start + _PACK_CHUNK_ROWS]
+        q, scale, offset = decode(rows.reshape(-1, type_size))
+        parts.append(
+            _from_affine_groups(
+                torch.from_numpy(q).reshape(len(rows), in_features),
+                torch.from_numpy(scale).reshape(len(rows), -1),
+                torch.from_numpy(offset).reshape(len(rows), -1),
+                planes,
+                GGUF_GROUP_SIZE,
+            )
+        )
+    return Int4PackedWeight.stack_rows(parts)
 
 
 def quantize(
