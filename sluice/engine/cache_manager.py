@@ -12,7 +12,6 @@ that ends there.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING
 
 from sluice.engine.request import Request
@@ -27,13 +26,18 @@ class OutOfPagesError(RuntimeError):
 
 
 class PagePool:
-    """Fixed pool of KV pages with reference counts (a page may be shared by several owners)."""
+    """Fixed pool of KV pages with reference counts (a page may be shared by several owners).
+
+    Free pages form a stack: the most recently freed are reused first, so the pages in use stay
+    few and warm (the pool's memory is only resident where written, see `memory.lazy_zeros`),
+    and a request's pages tend to be consecutive, which attention reads as one slice.
+    """
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"the KV pool needs at least one page, got {num_pages}")
         self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # page 0 on top
         self._refs = [0] * num_pages
 
     @property
@@ -47,7 +51,7 @@ class PagePool:
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise OutOfPagesError(f"asked for {count} pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(count)]
+        pages = [self._free.pop() for _ in range(count)]
         for page in pages:
             self._refs[page] = 1
         return pages
@@ -58,7 +62,7 @@ class PagePool:
             self._refs[page] += 1
 
     def release(self, pages: list[int]) -> None:
-        for page in pages:
+        for page in reversed(pages):  # so the next allocation gets them back in order
             assert self._refs[page] > 0, f"page {page} released twice"
             self._refs[page] -= 1
             if self._refs[page] == 0:
