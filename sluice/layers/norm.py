@@ -27,23 +27,16 @@ class RMSNorm(nn.Module):
         return self.weight * _rms_normalize(x, self.eps).to(x.dtype)
 
 
-class ZeroCenteredRMSNorm(nn.Module):
+class ZeroCenteredRMSNorm(RMSNorm):
     def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        super().__init__(dim, eps)
+        self.weight.data.zero_()  # identity until loaded, as for RMSNorm's ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale is applied in float32 before the cast back, unlike RMSNorm (as the reference).
         return (_rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GatedRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-
+class GatedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        normed = self.weight * _rms_normalize(x, self.eps).to(x.dtype)
-        return (normed * F.silu(z.float())).to(x.dtype)
+        return (super().forward(x) * F.silu(z.float())).to(x.dtype)

@@ -20,7 +20,6 @@ from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
 from sluice.layers.state import StateMetadata
 from sluice.loaders.weights import WeightSource, concat_rows, to_dense
-from sluice.memory import release_freed_heap
 
 # Checkpoint projections that we run as one fused matmul: fused name -> its parts, in order.
 FUSED_PROJECTIONS = {
@@ -71,7 +70,6 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear) and module not in heads:
                 source = _linear_source(weights, self._checkpoint_name(name))
                 module.load(source, dtype, quantization)
-                release_freed_heap()
         for name, param in self.named_parameters():
             if not _is_linear_param(self, name):
                 _copy_into(param, to_dense(_take(weights, self._checkpoint_name(name))), name)

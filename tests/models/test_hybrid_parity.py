@@ -1,5 +1,6 @@
-"""Qwen3-Next against transformers on a tiny random checkpoint: same weights, same logits, whether
-prompts run batched, in chunks (carrying DeltaNet state across steps) or as batched decodes."""
+"""Hybrid models (Qwen3-Next: Gated DeltaNet + gated attention; Bamba: Mamba2 + attention)
+against transformers on tiny random checkpoints: same weights, same logits, whether prompts run
+batched, in chunks (carrying the recurrent state across steps) or as batched decodes."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3_next")
-    reference = make_tiny_checkpoint("qwen3_next", folder)
+@pytest.fixture(scope="module", params=["qwen3_next", "bamba"])
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = make_tiny_checkpoint(request.param, folder)
     return reference, load_ours(folder)
 
 
 def test_batched_prefill_matches_reference(checkpoint):
     reference, ours = checkpoint
-    batch = prompts([5, 17, 33, 70, 1])  # one past the 64-token chunk, one a lone decode
+    # Not multiples of either chunk size (Bamba's 8, DeltaNet's 64), one past 64, one a decode.
+    batch = prompts([5, 17, 33, 70, 1])
     got = PagedRunner(ours, len(batch)).run(dict(enumerate(batch)))
     for i, ids in enumerate(batch):
         torch.testing.assert_close(got[i], reference_logits(reference, ids), atol=TOLERANCE, rtol=0)
@@ -35,8 +37,10 @@ def test_batched_prefill_matches_reference(checkpoint):
 
 @pytest.mark.parametrize("chunk", [7, 16, None], ids=["chunk7", "chunk16", "whole"])
 def test_chunked_prefill_matches_one_forward(checkpoint, chunk):
+    """Two prompts chunked side by side; with chunks of 7 the short one ends on a 1-token chunk,
+    which runs as a decode next to the other prompt's prefill chunk."""
     reference, ours = checkpoint
-    batch = prompts([70, 22], seed=1)  # with chunks of 7, the short one ends on a 1-token chunk
+    batch = prompts([70, 22], seed=1)
     expected = [reference_logits(reference, ids) for ids in batch]
     runner = PagedRunner(ours, len(batch))
     step = chunk or max(map(len, batch))
