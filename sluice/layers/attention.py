@@ -63,7 +63,7 @@ class AttentionMetadata:
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prefills = [i for i, n in enumerate(query_lens) if n > 1]
         groups = [
-            _group(seqs, query_lens, context_lens, table, starts, page_size, device)
+            _group(seqs, query_lens, context_lens, page_tables, table, starts, page_size, device)
             for seqs in (decodes, prefills)
             if seqs
         ]
@@ -80,6 +80,7 @@ def _group(
     seqs: list[int],
     query_lens: list[int],
     context_lens: list[int],
+    page_tables: list[list[int]],
     table: torch.Tensor,
     starts: torch.Tensor,
     page_size: int,
@@ -92,16 +93,16 @@ def _group(
     offset = torch.arange(int(q_lens.sum())) - (torch.cumsum(q_lens, 0) - q_lens)[local_seq]
     token_index = starts[torch.tensor(seqs)][local_seq] + offset
     pages = -(-max_kv // page_size)
-    group_table = table[torch.tensor(seqs), :pages]
+    uniform_decodes = max_q == 1 and len({context_lens[s] for s in seqs}) == 1
     return AttentionGroup(
         token_index=token_index.to(device),
-        page_tables=group_table.to(device),
+        page_tables=table[torch.tensor(seqs), :pages].to(device),
         query_scatter=(local_seq * max_q + offset).to(device),
-        mask=_mask(local_seq, offset, ctx, max_q, max_kv, device),
+        mask=None if uniform_decodes else _mask(local_seq, offset, ctx, max_q, max_kv, device),
         num_seqs=len(seqs),
         max_query_len=max_q,
         max_kv_len=max_kv,
-        first_page=_first_of_consecutive(group_table),
+        first_page=_first_of_consecutive(page_tables[seqs[0]][:pages]) if len(seqs) == 1 else None,
     )
 
 
@@ -112,21 +113,16 @@ def _mask(
     max_q: int,
     max_kv: int,
     device: torch.device,
-) -> torch.Tensor | None:
-    if max_q == 1 and bool((ctx == ctx[0]).all()):
-        return None
+) -> torch.Tensor:
     query_pos = torch.zeros(len(ctx), max_q, dtype=torch.long)
     query_pos[local_seq, offset] = ctx[local_seq] + offset
     mask = torch.arange(max_kv).view(1, 1, -1) <= query_pos.unsqueeze(-1)
     return mask.unsqueeze(1).to(device)
 
 
-def _first_of_consecutive(group_table: torch.Tensor) -> int | None:
-    if group_table.shape[0] != 1:
-        return None
-    row = group_table[0]
-    first = int(row[0])
-    return first if torch.equal(row, torch.arange(first, first + row.numel())) else None
+def _first_of_consecutive(pages: list[int]) -> int | None:
+    first = pages[0]
+    return first if pages == list(range(first, first + len(pages))) else None
 
 
 class PagedAttention(nn.Module):
