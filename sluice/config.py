@@ -149,6 +149,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto, none, int8, int4 (see layers/linear.py)
     max_model_len: int | None = None  # None: the model's own context length
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -176,6 +177,7 @@ class EngineConfig:
         state_pool_ratio: float = 0.5,
         num_state_slots: int | None = None,
         threads: int | None = None,
+        compile: bool = True,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -185,6 +187,7 @@ class EngineConfig:
             quantization=quantization,
             max_model_len=max_model_len,
             threads=threads,
+            compile=compile,
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),

@@ -64,6 +64,7 @@ class Engine:
             page_size,
             loaded.tokenizer.eos_token_ids,
             self.state_pool,
+            config.compile,
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens

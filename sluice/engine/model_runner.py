@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sluice.config import ModelConfig
+from sluice.engine.compiled_step import compiled_step
 from sluice.engine.request import Request, TokenLogprob
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.state_pool import StateOp, StatePool
@@ -36,8 +37,7 @@ def allocate_kv_cache(
     config = model.config
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     for attn in model.attention_layers():
-        attn.k_cache = lazy_zeros(shape, dtype, device)
-        attn.v_cache = lazy_zeros(shape, dtype, device)
+        attn.bind_cache(lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device))
 
 
 def allocate_state(
@@ -67,6 +67,7 @@ class ModelRunner:
         page_size: int,
         eos_token_ids: frozenset[int] = frozenset(),
         state_pool: StatePool | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -82,28 +83,29 @@ class ModelRunner:
                 for layer in model.state_layers()
                 for name in layer.state_spec(dtype)
             ]
+        self.compiled_step = compiled_step(model, page_size, device) if compile else None
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
         input_ids, meta = self._prepare_inputs(batch)
-        if self.state_pool is None:
-            hidden = self.model(input_ids, meta)
-        else:
-            self._apply_state_ops(self.state_pool.take_ops())
-            slots = [req.state_slot for req in batch.requests]
-            state = StateMetadata.build(batch.num_tokens, slots, self.device)
-            hidden = self.model(input_ids, meta, state)
         to_sample = [
             (row, req)
             for row, (req, n) in enumerate(zip(batch.requests, batch.num_tokens))
             if req.num_computed_tokens + n == req.num_tokens
         ]
-        if not to_sample:
-            return []
         last_token_rows = list(itertools.accumulate(batch.num_tokens))
-        rows = torch.tensor([last_token_rows[row] - 1 for row, _ in to_sample], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        return self._sample(logits, [req for _, req in to_sample])
+        rows = [last_token_rows[row] - 1 for row, _ in to_sample]
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.compiled_step is not None:
+            logits = self.compiled_step(input_ids, meta, rows)
+        elif self.state_pool is None:
+            logits = self.model.compute_logits(self.model(input_ids, meta)[rows])
+        else:
+            self._apply_state_ops(self.state_pool.take_ops())
+            slots = [req.state_slot for req in batch.requests]
+            state = StateMetadata.build(batch.num_tokens, slots, self.device)
+            logits = self.model.compute_logits(self.model(input_ids, meta, state)[rows])
+        return self._sample(logits, [req for _, req in to_sample]) if to_sample else []
 
     def _apply_state_ops(self, ops: list[StateOp]) -> None:
         """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
@@ -124,6 +126,7 @@ class ModelRunner:
             page_tables=[req.page_ids for req in batch.requests],
             page_size=self.page_size,
             device=self.device,
+            paged_kernel=self.compiled_step is not None,
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
 

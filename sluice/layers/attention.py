@@ -5,18 +5,28 @@ queries attend to that request's whole context, gathered through its page table.
 grouped by query length: decodes (one query each) share one SDPA call, prefill chunks share
 another with queries padded to the longest chunk, so a long chunk never pads the decodes.
 Masks and indices are built once per step and shared by all layers.
+
+Inside a compiled step (engine/compiled_step.py) attention is one opaque operator,
+`sluice::paged_attention`: inductor fuses everything around it, while the cache write and the
+per-request gather, whose shapes change every step, run eagerly inside it. The operator takes only
+tensors and the layer's key, so one graph serves every batch and context length; the step's
+metadata is published once per step by `step_metadata` (as vLLM's forward context does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import itertools
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
+@dataclasses.dataclass
 class AttentionGroup:
     """Requests that share one padded SDPA call."""
 
@@ -29,11 +39,14 @@ class AttentionGroup:
     num_seqs: int
     max_query_len: int
     max_kv_len: int
-    # A lone sequence whose pages are consecutive reads them as a slice of the pool, not a copy.
-    first_page: int | None = None
+    # A lone sequence whose pages are consecutive reads its keys as one slice of the pool's
+    # slots, [start, stop), not a gathered copy.
+    slot_range: tuple[int, int] | None = None
+    # [Bg] context length of each decode, where the group runs the compiled paged kernel.
+    kv_lens: torch.Tensor | None = None
 
 
-@dataclass
+@dataclasses.dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each flat token in its sequence
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V goes to
@@ -47,8 +60,10 @@ class AttentionMetadata:
         page_tables: list[list[int]],
         page_size: int,
         device: torch.device,
+        paged_kernel: bool = False,
     ) -> AttentionMetadata:
-        """`context_lens[i]`: tokens of request i already cached before this step."""
+        """`context_lens[i]`: tokens of request i already cached before this step.
+        `paged_kernel`: batched decodes read their pages through the compiled kernel."""
         q_lens = torch.tensor(query_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
@@ -67,6 +82,8 @@ class AttentionMetadata:
             for seqs in (decodes, prefills)
             if seqs
         ]
+        if paged_kernel and decodes:
+            groups[0] = _paged_decode_group(groups[0], [context_lens[s] + 1 for s in decodes])
         return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
@@ -102,8 +119,23 @@ def _group(
         num_seqs=len(seqs),
         max_query_len=max_q,
         max_kv_len=max_kv,
-        first_page=_first_of_consecutive(page_tables[seqs[0]][:pages]) if len(seqs) == 1 else None,
+        slot_range=_consecutive_slots(page_tables[seqs[0]][:pages], max_kv, page_size)
+        if len(seqs) == 1
+        else None,
     )
+
+
+def _paged_decode_group(group: AttentionGroup, kv_lens: list[int]) -> AttentionGroup:
+    """The decode group for the paged kernel: context lengths instead of a mask, and at least
+    two page columns (the padding page is masked out) so one compiled kernel fits every step.
+    Every decode takes it, a lone one too: one kernel for all keeps a request's tokens
+    independent of how many others share its steps (and it beats slicing past ~300 tokens)."""
+    tables = group.page_tables
+    if tables.shape[1] == 1:
+        tables = torch.nn.functional.pad(tables, (0, 1))
+    lens = torch.tensor(kv_lens, device=tables.device)
+    _mark_paged_decode_sizes(tables, lens)
+    return dataclasses.replace(group, page_tables=tables, mask=None, slot_range=None, kv_lens=lens)
 
 
 def _mask(
@@ -120,9 +152,11 @@ def _mask(
     return mask.unsqueeze(1).to(device)
 
 
-def _first_of_consecutive(pages: list[int]) -> int | None:
+def _consecutive_slots(pages: list[int], kv_len: int, page_size: int) -> tuple[int, int] | None:
     first = pages[0]
-    return first if pages == list(range(first, first + len(pages))) else None
+    if pages != list(range(first, first + len(pages))):
+        return None
+    return first * page_size, first * page_size + kv_len
 
 
 class PagedAttention(nn.Module):
@@ -136,21 +170,50 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # [num_pages, page_size, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
+        self._k_slots: torch.Tensor | None = (
+            None  # the same, [num_pages * page_size, kv_heads, dim]
+        )
+        self._v_slots: torch.Tensor | None = None
+        self.key = next(_layer_keys)
+        _layers[self.key] = self
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; returns [T, heads * dim]."""
+        if torch.compiler.is_compiling():
+            return torch.ops.sluice.paged_attention(q, k, v, self.key)
+        return self.attend(q, k, v, meta)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self._k_slots = k_cache.flatten(0, 1)
+        self._v_slots = v_cache.flatten(0, 1)
+        for cache in (k_cache, v_cache):  # the paged kernel serves pools of every size
+            torch._dynamo.mark_dynamic(cache, 0)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         self._write_cache(k, v, meta.slot_mapping)
-        if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == q.shape[0]:
-            return self._attend(q, meta.groups[0])  # one group in step order: no reindexing
+        if len(meta.groups) == 1:  # all decodes or all prefills: every token, in step order
+            return self._attend(q, meta.groups[0])
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         for group in meta.groups:
             out[group.token_index] = self._attend(q[group.token_index], group)
         return out
 
     def _attend(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        keys, values = self._gather(self.k_cache, group), self._gather(self.v_cache, group)
+        if group.kv_lens is not None:
+            torch._dynamo.decorators.mark_unbacked(q, 0)
+            out = paged_decode_kernel(
+                q, self.k_cache, self.v_cache, group.page_tables, group.kv_lens, self.scale
+            )
+            return out.to(q.dtype)
+        if group.slot_range is not None and group.max_query_len == 1:
+            return self._attend_slice(q, *group.slot_range)
+        keys = self._gather(self.k_cache, self._k_slots, group)
+        values = self._gather(self.v_cache, self._v_slots, group)
         queries = self._pad_queries(q, group)
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=group.mask, scale=self.scale, enable_gqa=True
@@ -158,18 +221,30 @@ class PagedAttention(nn.Module):
         out = out.transpose(1, 2).reshape(group.num_seqs * group.max_query_len, -1)
         return out if group.max_query_len == 1 else out[group.query_scatter]
 
+    def _attend_slice(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """One decoding sequence whose keys are the pool's slots [start, stop): no copies, and
+        the fewest calls (this runs once per layer per token of a single stream)."""
+        out = F.scaled_dot_product_attention(
+            q.reshape(self.num_heads, 1, self.head_dim),
+            self._k_slots[start:stop].transpose(0, 1),
+            self._v_slots[start:stop].transpose(0, 1),
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.view(1, -1)
+
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        flat_shape = (-1, self.num_kv_heads, self.head_dim)
-        self.k_cache.view(flat_shape).index_copy_(0, slots, k.to(self.k_cache.dtype))
-        self.v_cache.view(flat_shape).index_copy_(0, slots, v.to(self.v_cache.dtype))
+        if k.dtype != self.k_cache.dtype:
+            k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
+        self._k_slots.index_copy_(0, slots, k)
+        self._v_slots.index_copy_(0, slots, v)
 
     @staticmethod
-    def _gather(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        if group.first_page is not None:
-            num_pages = group.page_tables.shape[1]
-            pages = cache[group.first_page : group.first_page + num_pages].unsqueeze(0)
-        else:
-            pages = cache[group.page_tables]  # [B, pages, page_size, kv_heads, dim]
+    def _gather(cache: torch.Tensor, slots: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        """[B, kv_heads, kv, dim] keys or values of the group's sequences."""
+        if group.slot_range is not None:
+            return slots[slice(*group.slot_range)].transpose(0, 1).unsqueeze(0)
+        pages = cache[group.page_tables]  # [B, pages, page_size, kv_heads, dim]
         return pages.flatten(1, 2)[:, : group.max_kv_len].transpose(1, 2)  # [B, kv_heads, kv, dim]
 
     def _pad_queries(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
@@ -179,3 +254,83 @@ class PagedAttention(nn.Module):
         padded[group.query_scatter] = q.to(padded.dtype)
         shape = (group.num_seqs, group.max_query_len, self.num_heads, self.head_dim)
         return padded.view(shape).transpose(1, 2)
+
+
+# --- decode attention read in place from the pages ------------------------------------------
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_tables: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence against its paged context: q [B, heads, dim], caches [pages,
+    page_size, kv_heads, dim], page_tables [B, P], kv_lens [B] -> [B, heads * dim] float32.
+
+    Plain tensor ops, written for inductor: compiled, the page gather fuses into the dot
+    products and the weighted sum, so the context is read once in place instead of being copied
+    into a padded batch first (3-4x faster than gather + SDPA at 32 sequences of 200 tokens).
+    Query heads are grouped over KV heads as SDPA's enable_gqa groups them.
+    """
+    num_seqs, num_pages = page_tables.shape
+    page_size, kv_heads, dim = k_cache.shape[1:]
+    group = q.shape[1] // kv_heads
+    queries = q.float().view(num_seqs, 1, 1, kv_heads, group, dim)
+    keys = k_cache[page_tables].float().unsqueeze(-2)  # [B, P, page_size, kv_heads, 1, dim]
+    scores = (queries * keys).sum(-1) * scale  # [B, P, page_size, kv_heads, group]
+    position = torch.arange(num_pages * page_size, device=q.device).view(num_pages, page_size)
+    beyond = position.view(1, num_pages, page_size, 1, 1) >= kv_lens.view(-1, 1, 1, 1, 1)
+    scores = scores.masked_fill(beyond, float("-inf")).flatten(1, 2)
+    probs = torch.softmax(scores, dim=1).view(num_seqs, num_pages, page_size, kv_heads, group, 1)
+    values = v_cache[page_tables].float().unsqueeze(-2)
+    return (probs * values).sum(dim=(1, 2)).reshape(num_seqs, -1)
+
+
+# Dynamic in batch (unbacked: a lone sequence runs the very kernel a batch runs, so its numbers
+# do not depend on the batch), pages per sequence (at least 2, so never specialized to 1) and
+# pool size: one compilation serves every step. Tensors are marked where they are made.
+paged_decode_kernel = torch.compile(paged_decode_attention, fullgraph=True)
+
+
+def _mark_paged_decode_sizes(page_tables: torch.Tensor, kv_lens: torch.Tensor) -> None:
+    torch._dynamo.decorators.mark_unbacked(page_tables, 0)
+    torch._dynamo.decorators.mark_unbacked(kv_lens, 0)
+    torch._dynamo.mark_dynamic(page_tables, 1)
+
+
+# --- the operator compiled steps call -------------------------------------------------------
+_layer_keys = itertools.count()
+_layers: weakref.WeakValueDictionary[int, PagedAttention] = weakref.WeakValueDictionary()
+_step: AttentionMetadata | None = None
+
+
+@contextmanager
+def step_metadata(meta: AttentionMetadata) -> Iterator[None]:
+    """Publish this step's metadata to the attention operator for the duration of a forward."""
+    global _step
+    _step = meta
+    try:
+        yield
+    finally:
+        _step = None
+
+
+def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int) -> torch.Tensor:
+    if _step is None:
+        raise RuntimeError("sluice::paged_attention called outside step_metadata()")
+    return _layers[key].attend(q, k, v, _step)
+
+
+def _paged_attention_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+# Defined through the dispatcher directly: torch.library.custom_op adds tens of microseconds of
+# Python per call, and a decode step makes one call per layer.
+_library = torch.library.Library("sluice", "DEF")
+_library.define("paged_attention(Tensor q, Tensor k, Tensor v, int key) -> Tensor")
+_library.impl("paged_attention", _paged_attention, "CompositeExplicitAutograd")
+torch.library.register_fake("sluice::paged_attention", _paged_attention_shape, lib=_library)

@@ -55,7 +55,9 @@ class RotaryEmbedding(nn.Module):
 
     def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at `positions`, looked up once per step: every layer shares this module
-        and gets the same positions tensor."""
+        and gets the same positions tensor. A compiled step computes them in its graph."""
+        if torch.compiler.is_compiling():
+            return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         if self._step is None or self._step[0] is not positions:
             self._step = (
                 positions,
