@@ -94,3 +94,13 @@ def check_batched_greedy_decode(
     for i, steps_logits in decoded.items():
         expected = reference_logits(reference, batch[i])[-steps:]
         torch.testing.assert_close(torch.stack(steps_logits), expected, atol=atol, rtol=0)
+
+
+@torch.no_grad()
+def reference_greedy(reference, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy continuation by full forwards of transformers' model: no cache anywhere."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        logits = reference(torch.tensor([ids], device=reference.device)).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_no_leaks
+from model_harness import reference_greedy
 
 from sluice import SamplingParams
 from sluice.api import LLM
@@ -49,15 +50,6 @@ def random_tokens(n: int, seed: int) -> list[int]:
 
 def token_ids(results) -> list[list[int]]:
     return [r.outputs[0].token_ids for r in results]
-
-
-@torch.no_grad()
-def reference_greedy(reference, prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy continuation by full forwards of transformers' model: no cache anywhere."""
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 def test_batched_chunked_generation_matches_transformers(hybrid, make_llm):
