@@ -60,7 +60,8 @@ def compiled_step(model: CausalLM, page_size: int, device: torch.device) -> Comp
 
 
 def _compile(model: CausalLM, page_size: int, device: torch.device) -> CompiledStep | None:
-    """Compile with a one-token step into slot 0 (a slot is always written before it is read)."""
+    """Compile by running two decode steps into page 0 (a slot is always written before it is
+    read, so what they leave there is never seen)."""
     if model.config.is_hybrid:
         logger.info("compile: hybrid models run eagerly (their recurrent layers are not compiled)")
         return None
@@ -72,7 +73,7 @@ def _compile(model: CausalLM, page_size: int, device: torch.device) -> CompiledS
             for context_lens in ([0], [40, 0]):  # one token; then two, in 3 pages
                 compiled(*_warmup_step(context_lens, page_size, device))
     except Exception as error:  # inductor fails in many ways (no compiler, headers, ...)
-        logger.warning("compile failed, decoding eagerly: %s", error)
+        logger.warning("compile failed, running eagerly: %s", error)
         return None
     logger.info("model step compiled in %.1f s", time.perf_counter() - start)
     return compiled
