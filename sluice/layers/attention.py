@@ -15,18 +15,18 @@ metadata is published once per step by `step_metadata` (as vLLM's forward contex
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclasses.dataclass
+@dataclass
 class AttentionGroup:
     """Requests that share one padded SDPA call."""
 
@@ -46,7 +46,7 @@ class AttentionGroup:
     kv_lens: torch.Tensor | None = None
 
 
-@dataclasses.dataclass
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each flat token in its sequence
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V goes to
@@ -63,7 +63,7 @@ class AttentionMetadata:
         paged_kernel: bool = False,
     ) -> AttentionMetadata:
         """`context_lens[i]`: tokens of request i already cached before this step.
-        `paged_kernel`: batched decodes read their pages through the compiled kernel."""
+        `paged_kernel`: decodes read their pages through the compiled paged kernel."""
         q_lens = torch.tensor(query_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
@@ -78,12 +78,14 @@ class AttentionMetadata:
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prefills = [i for i, n in enumerate(query_lens) if n > 1]
         groups = [
-            _group(seqs, query_lens, context_lens, page_tables, table, starts, page_size, device)
+            _paged_decode_group(seqs, context_lens, table, starts, page_size, device)
+            if paged_kernel and seqs is decodes
+            else _group(
+                seqs, query_lens, context_lens, page_tables, table, starts, page_size, device
+            )
             for seqs in (decodes, prefills)
             if seqs
         ]
-        if paged_kernel and decodes:
-            groups[0] = _paged_decode_group(groups[0], [context_lens[s] + 1 for s in decodes])
         return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
@@ -125,17 +127,35 @@ def _group(
     )
 
 
-def _paged_decode_group(group: AttentionGroup, kv_lens: list[int]) -> AttentionGroup:
-    """The decode group for the paged kernel: context lengths instead of a mask, and at least
-    two page columns (the padding page is masked out) so one compiled kernel fits every step.
-    Every decode takes it, a lone one too: one kernel for all keeps a request's tokens
-    independent of how many others share its steps (and it beats slicing past ~300 tokens)."""
-    tables = group.page_tables
-    if tables.shape[1] == 1:
-        tables = torch.nn.functional.pad(tables, (0, 1))
-    lens = torch.tensor(kv_lens, device=tables.device)
+def _paged_decode_group(
+    seqs: list[int],
+    context_lens: list[int],
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    page_size: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """Decodes for the paged kernel: context lengths instead of a mask, and at least two page
+    columns (padding pages are masked out) so one compiled kernel fits every step. Every decode
+    takes it, a lone one too: one kernel for all keeps a request's tokens independent of how
+    many others share its steps (and it beats slicing past ~300 tokens)."""
+    index = torch.tensor(seqs)
+    kv_lens = [context_lens[s] + 1 for s in seqs]
+    pages = max(2, -(-max(kv_lens) // page_size))
+    tables = table[index, :pages]
+    tables = torch.nn.functional.pad(tables, (0, pages - tables.shape[1])).to(device)
+    lens = torch.tensor(kv_lens, device=device)
     _mark_paged_decode_sizes(tables, lens)
-    return dataclasses.replace(group, page_tables=tables, mask=None, slot_range=None, kv_lens=lens)
+    return AttentionGroup(
+        token_index=starts[index].to(device),
+        page_tables=tables,
+        query_scatter=torch.arange(len(seqs), device=device),
+        mask=None,
+        num_seqs=len(seqs),
+        max_query_len=1,
+        max_kv_len=max(kv_lens),
+        kv_lens=lens,
+    )
 
 
 def _mask(
@@ -170,9 +190,8 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # [num_pages, page_size, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
-        self._k_slots: torch.Tensor | None = (
-            None  # the same, [num_pages * page_size, kv_heads, dim]
-        )
+        # The same pools as [num_pages * page_size, kv_heads, dim]: one flat slot per token.
+        self._k_slots: torch.Tensor | None = None
         self._v_slots: torch.Tensor | None = None
         self.key = next(_layer_keys)
         _layers[self.key] = self
