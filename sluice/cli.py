@@ -35,6 +35,12 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         help="memory for KV pages (and, for hybrid models, recurrent-state slots)",
     )
     group.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="K and V as stored in the pages (auto: the model's dtype)",
+    )
+    group.add_argument(
         "--state-pool-ratio",
         type=float,
         default=0.5,
@@ -62,6 +68,7 @@ ENGINE_OPTIONS = (
     "max_model_len",
     "page_size",
     "kv_cache_memory_gb",
+    "kv_cache_dtype",
     "state_pool_ratio",
     "max_num_batched_tokens",
     "max_num_seqs",

@@ -115,16 +115,22 @@ class CacheConfig:
 
     page_size: int = 16
     memory_budget_bytes: int = 1 << 30
+    dtype: str = "auto"  # of K and V: auto (the model's), float32, bfloat16, float16
     num_pages: int | None = None  # overrides the budget (tests force small pools with it)
     enable_prefix_cache: bool = True
     state_pool_ratio: float = 0.5
     num_state_slots: int | None = None  # overrides the ratio
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"KV cache dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
         if not 0.0 < self.state_pool_ratio < 1.0:
             raise ValueError(f"state_pool_ratio must be in (0, 1), got {self.state_pool_ratio}")
         if self.num_state_slots is not None and self.num_state_slots < 1:
             raise ValueError(f"num_state_slots must be >= 1, got {self.num_state_slots}")
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.dtype == "auto" else DTYPES[self.dtype]
 
 
 @dataclass
@@ -170,6 +176,7 @@ class EngineConfig:
         max_model_len: int | None = None,
         page_size: int = 16,
         kv_cache_memory_gb: float = 2.0,
+        kv_cache_dtype: str = "auto",
         num_pages: int | None = None,
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 64,
@@ -191,6 +198,7 @@ class EngineConfig:
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),
+                kv_cache_dtype,
                 num_pages,
                 enable_prefix_cache,
                 state_pool_ratio,
@@ -219,10 +227,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in choices:
+    if name not in DTYPES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return choices[name]
+    return DTYPES[name]

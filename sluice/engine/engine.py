@@ -45,8 +45,9 @@ class Engine:
         kv_budget = config.cache.memory_budget_bytes
         if self.state_pool is not None:
             kv_budget -= self.state_pool.num_slots * state_bytes_per_slot(loaded.model, dtype)
+        kv_dtype = config.cache.kv_dtype(dtype)
         num_pages = config.cache.num_pages or max(
-            1, kv_budget // kv_bytes_per_page(loaded.config, page_size, dtype)
+            1, kv_budget // kv_bytes_per_page(loaded.config, page_size, kv_dtype)
         )
         self.pool = PagePool(num_pages)
         self.prefix_cache = (
@@ -60,6 +61,7 @@ class Engine:
             loaded.model,
             self.device,
             dtype,
+            kv_dtype,
             num_pages,
             page_size,
             loaded.tokenizer.eos_token_ids,
@@ -71,7 +73,13 @@ class Engine:
         )
         self._requests: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._streams: dict[Request, TextStream] = {}
-        logger.info("KV cache: %d pages of %d tokens on %s", num_pages, page_size, self.device)
+        logger.info(
+            "KV cache: %d pages of %d tokens, %s, on %s",
+            num_pages,
+            page_size,
+            kv_dtype,
+            self.device,
+        )
         if self.state_pool is not None:
             logger.info("state pool: %d slots", self.state_pool.num_slots)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from sluice.config import ModelConfig
-from sluice.engine.compiled_step import compiled_step
+from sluice.engine.compiled_step import compiled_step, step_metadata_for
 from sluice.engine.request import Request, TokenLogprob
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.state_pool import StateOp, StatePool
-from sluice.layers.attention import AttentionMetadata
+from sluice.layers.attention import AttentionMetadata, DecodeMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import StateMetadata, bind_state, spec_bytes
 from sluice.memory import lazy_zeros
@@ -63,6 +63,7 @@ class ModelRunner:
         model: CausalLM,
         device: torch.device,
         dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         num_pages: int,
         page_size: int,
         eos_token_ids: frozenset[int] = frozenset(),
@@ -75,7 +76,7 @@ class ModelRunner:
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
-        allocate_kv_cache(model, num_pages, page_size, dtype, device)
+        allocate_kv_cache(model, num_pages, page_size, kv_dtype, device)
         if state_pool is not None:
             allocate_state(model, state_pool.num_slots, dtype, device)
             self._state_tensors = [
@@ -116,17 +117,19 @@ class ModelRunner:
                 else:
                     tensor[op.target].copy_(tensor[op.source])
 
-    def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _prepare_inputs(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, AttentionMetadata | DecodeMetadata]:
         token_ids: list[int] = []
         for req, n in zip(batch.requests, batch.num_tokens):
             token_ids.extend(req.token_ids(req.num_computed_tokens, req.num_computed_tokens + n))
-        meta = AttentionMetadata.build(
-            query_lens=batch.num_tokens,
-            context_lens=[req.num_computed_tokens for req in batch.requests],
-            page_tables=[req.page_ids for req in batch.requests],
-            page_size=self.page_size,
-            device=self.device,
-            paged_kernel=self.compiled_step is not None,
+        build = AttentionMetadata.build if self.compiled_step is None else step_metadata_for
+        meta = build(
+            batch.num_tokens,
+            [req.num_computed_tokens for req in batch.requests],
+            [req.page_ids for req in batch.requests],
+            self.page_size,
+            self.device,
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
 

@@ -89,6 +89,36 @@ class AttentionMetadata:
         return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
+@dataclass
+class DecodeMetadata:
+    """A step of one new token per sequence, as tensors only: the compiled decode graph takes it
+    as an input, so the cache writes and the paged kernel are traced into that graph with no
+    Python between layers. Page tables have at least two columns (padding pages are masked out
+    by `kv_lens`), so one compilation fits every step."""
+
+    positions: torch.Tensor  # [B] position of each sequence's new token
+    slot_mapping: torch.Tensor  # [B] flat cache slot its K/V goes to
+    page_tables: torch.Tensor  # [B, P] page ids, padded with 0
+    kv_lens: torch.Tensor  # [B] context length including the new token
+
+    @classmethod
+    def build(
+        cls,
+        context_lens: list[int],
+        page_tables: list[list[int]],
+        page_size: int,
+        device: torch.device,
+    ) -> DecodeMetadata:
+        """`context_lens[i]`: tokens of sequence i already cached before this step."""
+        positions = torch.tensor(context_lens)
+        table = _page_table(page_tables, max(2 * page_size, max(context_lens) + 1), page_size)
+        rows = torch.arange(len(context_lens))
+        slots = table[rows, positions // page_size] * page_size + positions % page_size
+        return cls(
+            positions.to(device), slots.to(device), table.to(device), (positions + 1).to(device)
+        )
+
+
 def _page_table(page_tables: list[list[int]], max_kv: int, page_size: int) -> torch.Tensor:
     pages = -(-max_kv // page_size)
     rows = [row[:pages] + [0] * (pages - len(row[:pages])) for row in page_tables]
@@ -180,7 +210,9 @@ def _consecutive_slots(pages: list[int], kv_len: int, page_size: int) -> tuple[i
 
 
 class PagedAttention(nn.Module):
-    """Softmax attention for one layer; the model runner binds `k_cache`/`v_cache` to it."""
+    """Softmax attention for one layer; the model runner binds `k_cache`/`v_cache` to it. The
+    pools may hold a narrower dtype than the queries (a 16-bit cache for an fp32 model): keys and
+    values are widened as they are read, and attention computes in the queries' dtype."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -197,9 +229,15 @@ class PagedAttention(nn.Module):
         _layers[self.key] = self
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata | DecodeMetadata,
     ) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; returns [T, heads * dim]."""
+        if isinstance(meta, DecodeMetadata):
+            return self._attend_decodes(q, k, v, meta)
         if torch.compiler.is_compiling():
             return torch.ops.sluice.paged_attention(q, k, v, self.key)
         return self.attend(q, k, v, meta)
@@ -222,6 +260,18 @@ class PagedAttention(nn.Module):
             out[group.token_index] = self._attend(q[group.token_index], group)
         return out
 
+    def _attend_decodes(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
+    ) -> torch.Tensor:
+        """Plain tensor ops on the pools themselves (not the flat views: a graph must see one
+        tensor per pool to update it in place)."""
+        for cache, new in ((self.k_cache, k), (self.v_cache, v)):
+            cache.view(-1, *cache.shape[2:])[meta.slot_mapping] = new.to(cache.dtype)
+        out = paged_decode_attention(
+            q, self.k_cache, self.v_cache, meta.page_tables, meta.kv_lens, self.scale
+        )
+        return out.to(q.dtype)
+
     def _attend(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         if group.kv_lens is not None:
             torch._dynamo.decorators.mark_unbacked(q, 0)
@@ -231,8 +281,8 @@ class PagedAttention(nn.Module):
             return out.to(q.dtype)
         if group.slot_range is not None and group.max_query_len == 1:
             return self._attend_slice(q, *group.slot_range)
-        keys = self._gather(self.k_cache, self._k_slots, group)
-        values = self._gather(self.v_cache, self._v_slots, group)
+        keys = self._gather(self.k_cache, self._k_slots, group).to(q.dtype)
+        values = self._gather(self.v_cache, self._v_slots, group).to(q.dtype)
         queries = self._pad_queries(q, group)
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=group.mask, scale=self.scale, enable_gqa=True
@@ -245,8 +295,8 @@ class PagedAttention(nn.Module):
         the fewest calls (this runs once per layer per token of a single stream)."""
         out = F.scaled_dot_product_attention(
             q.reshape(self.num_heads, 1, self.head_dim),
-            self._k_slots[start:stop].transpose(0, 1),
-            self._v_slots[start:stop].transpose(0, 1),
+            self._k_slots[start:stop].transpose(0, 1).to(q.dtype),
+            self._v_slots[start:stop].transpose(0, 1).to(q.dtype),
             scale=self.scale,
             enable_gqa=True,
         )

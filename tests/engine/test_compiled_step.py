@@ -12,9 +12,10 @@ from torch._dynamo.utils import counters
 from sluice import SamplingParams
 from sluice.api import LLM
 from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
-from sluice.engine.compiled_step import compiled_step
+from sluice.engine.compiled_step import compiled_step, step_metadata_for
 from sluice.layers.attention import (
     AttentionMetadata,
+    DecodeMetadata,
     paged_decode_attention,
     paged_decode_kernel,
 )
@@ -25,15 +26,10 @@ PAGE_SIZE = 16
 
 
 def step_metadata(
-    query_lens: list[int],
-    context_lens: list[int],
-    page_tables: list[list[int]],
-    paged_kernel: bool = False,
+    query_lens: list[int], context_lens: list[int], page_tables: list[list[int]]
 ) -> AttentionMetadata:
     cpu = torch.device("cpu")
-    return AttentionMetadata.build(
-        query_lens, context_lens, page_tables, PAGE_SIZE, cpu, paged_kernel
-    )
+    return AttentionMetadata.build(query_lens, context_lens, page_tables, PAGE_SIZE, cpu)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -68,10 +64,10 @@ def sdpa_reference(q, k_cache, v_cache, pages, kv_len) -> torch.Tensor:
 
 @torch.inference_mode()
 def test_logits_match_eager_for_every_step_from_one_graph(make_llm):
-    """Decodes alone and in batches of up to 6, prefill chunks alone and beside decodes, steps
-    that sample every row, some, or none; contexts of different lengths in consecutive or
-    scattered pages: the compiled logits (decodes on the paged kernel) equal the eager forward's,
-    and nothing recompiles."""
+    """Decodes alone and in batches of up to 6 (the decode graph: cache writes and the paged
+    kernel traced in), prefill chunks alone and beside decodes (the other graph), steps that
+    sample every row, some, or none; contexts of different lengths in consecutive or scattered
+    pages: the compiled logits and cache writes equal the eager forward's, nothing recompiles."""
     llm = make_llm(num_pages=64)
     model = llm.engine.runner.model
     compiled = compiled_step(model, PAGE_SIZE, torch.device("cpu"))
@@ -95,15 +91,23 @@ def test_logits_match_eager_for_every_step_from_one_graph(make_llm):
         ([20], [16], [[50, 51, 52]], []),  # a chunk that samples nothing
         ([1, 37, 1], [70, 3, 12], [[1, 2, 3, 4, 5], [20, 21, 22], [30]], [0, 38]),  # mixed
     ]
+    layer = model.attention_layers()[-1]
     for query_lens, context_lens, page_tables, rows in cases:
         ids = torch.randint(0, model.config.vocab_size, (sum(query_lens),), generator=generator)
         rows = torch.tensor(rows, dtype=torch.long)
         meta = step_metadata(query_lens, context_lens, page_tables)
         eager = model.compute_logits(model(ids, meta)[rows])
-        meta = step_metadata(query_lens, context_lens, page_tables, paged_kernel=True)
+        written = meta.slot_mapping
+        eager_keys = layer._k_slots[written].clone()
+        layer._k_slots[written] = 0  # the compiled step must write this step's keys itself
+        meta = step_metadata_for(
+            query_lens, context_lens, page_tables, PAGE_SIZE, torch.device("cpu")
+        )
+        assert isinstance(meta, DecodeMetadata) == all(n == 1 for n in query_lens)
         got = compiled(ids, meta, rows)
         torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), eager.argmax(-1))
+        torch.testing.assert_close(layer._k_slots[written], eager_keys, atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs
 
 

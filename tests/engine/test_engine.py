@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sluice import InvalidParameterError, SamplingParams
 
@@ -48,6 +49,19 @@ def test_batch_chunking_and_preemption_change_nothing(make_llm):
     squeezed = make_llm(max_num_batched_tokens=7, num_pages=12, enable_prefix_cache=False)
     assert token_ids(squeezed.generate(prompts, greedy())) == expected
     assert squeezed.engine.scheduler.num_preemptions > 0
+
+
+def test_float16_kv_cache_keeps_greedy_output(make_llm):
+    """Pages of half the bytes for the fp32 model: greedy continuations of 8 chat prompts, batched
+    (48 tokens each), equal those over the fp32 cache, through the compiled graphs (the decode
+    graph widens keys and values as it reads them) and eagerly."""
+    reference = make_llm(compile=False)
+    prompts = [reference.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    expected = token_ids(reference.generate(prompts, greedy(48)))
+    for compile in (True, False):
+        half = make_llm(kv_cache_dtype="float16", compile=compile)
+        assert half.engine.runner.model.attention_layers()[0].k_cache.dtype == torch.float16
+        assert token_ids(half.generate(prompts, greedy(48))) == expected
 
 
 def test_seeded_sampling_ignores_the_rest_of_the_batch(make_llm):
