@@ -28,7 +28,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 def release_freed_heap() -> None:
-    """Return the heap that loading freed to the OS (glibc keeps it otherwise: ~300 MB of
+    """Return the heap that loading freed to the OS (glibc keeps it otherwise: ~100 MB of
     dequantization and conversion temporaries for the default model)."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None

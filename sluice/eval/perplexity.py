@@ -16,7 +16,7 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], window: int = 512) -> 
     """exp(mean negative log-likelihood) of every token after the first, in windows of `window`."""
     model = loaded.model
     device = next(model.parameters()).device
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.embed_tokens.dtype
     page_size = 16
     num_pages = -(-window // page_size)
     allocate_kv_cache(model, num_pages, page_size, dtype, device)

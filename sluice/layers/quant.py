@@ -218,9 +218,14 @@ def _decode_q5_1(blocks: np.ndarray) -> _Decoded:
     return q, _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
 
 
+def _q8_0_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks [n, 34] -> int8 values [n, 32] and float32 scales [n, 1]."""
+    return np.ascontiguousarray(blocks[:, 2:]).view(np.int8), _f16(blocks[:, :2])
+
+
 def _decode_q8_0(blocks: np.ndarray) -> _Decoded:
-    d = _f16(blocks[:, :2])
-    return np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.int16), d, np.zeros_like(d)
+    q, d = _q8_0_parts(blocks)
+    return q.astype(np.int16), d, np.zeros_like(d)
 
 
 def _k_quant_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,14 +267,9 @@ def from_gguf_blocks(
     """
     if qtype not in _GGUF_FORMATS or torch.device(device).type != "cpu":
         return None
+    _check_blocks(qtype, blocks, shape)
     out_features, in_features = shape
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    expected = (out_features, in_features // block_size * type_size)
-    if in_features % block_size or tuple(blocks.shape) != expected:
-        raise ValueError(
-            f"{qtype.name} weight of shape {shape} needs blocks of shape {expected}, "
-            f"got {tuple(blocks.shape)}"
-        )
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
     decode, planes = _GGUF_FORMATS[qtype]
     parts = []
     # A slice of rows at a time: decoding a whole embedding-sized matrix at once holds several
@@ -287,6 +287,25 @@ def from_gguf_blocks(
             )
         )
     return Int4PackedWeight.stack_rows(parts)
+
+
+def q8_0_values_and_scales(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Q8_0 rows (uint8 [out, bytes_per_row]) of a weight of `shape` -> int8 values [out, in] and
+    float32 scales [out, in / 32], the weight being each value times its group's scale."""
+    _check_blocks(QType.Q8_0, blocks, shape)
+    values, scales = _q8_0_parts(blocks.reshape(-1, gguf.GGML_QUANT_SIZES[QType.Q8_0][1]))
+    return torch.from_numpy(values).view(shape), torch.from_numpy(scales).view(shape[0], -1)
+
+
+def _check_blocks(qtype: QType, blocks: np.ndarray, shape: tuple[int, int]) -> None:
+    out_features, in_features = shape
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    expected = (out_features, in_features // block_size * type_size)
+    if in_features % block_size or tuple(blocks.shape) != expected:
+        raise ValueError(
+            f"{qtype.name} weight of shape {shape} needs blocks of shape {expected}, "
+            f"got {tuple(blocks.shape)}"
+        )
 
 
 def quantize(

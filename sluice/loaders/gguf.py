@@ -1,12 +1,16 @@
 """Read a GGUF file: model config from its metadata, tensors under Hugging Face names.
 
 Quantized matrices stay as raw blocks (GGUFQuantTensor) so a quantized kernel can run them;
-everything else becomes a float32 tensor.
+everything else becomes a float32 tensor. Tensors are read from the file when the model asks for
+them, not memory-mapped: a map's pages stay resident until the whole model is loaded, which would
+add the file's size (98 MB for the default model) to the loading peak.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,12 @@ from sluice.loaders.weights import GGUFQuantTensor, WeightSource
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
 
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+# numpy has no bfloat16: its words are read as int16 and reinterpreted by torch.
+_FLOAT_TYPES = {
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.BF16: np.int16,
+}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,6 +52,38 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 class GGUFError(ValueError):
     """The file is not a GGUF we can run; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # PyTorch order
+    offset: int  # of its bytes in the file
+    nbytes: int
+    rotary_heads: int | None  # llama.cpp interleaved these Q or K rows; None for other tensors
+
+
+class GGUFTensors(Mapping[str, WeightSource]):
+    """A GGUF file's tensors under HF names, each read from the file on every lookup: only the
+    tensors a loader is converting are resident."""
+
+    def __init__(self, path: Path, stored: dict[str, _StoredTensor]) -> None:
+        self._path = path
+        self._stored = stored
+
+    def __getitem__(self, name: str) -> WeightSource:
+        stored = self._stored[name]
+        raw = np.fromfile(self._path, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
+        weight = _weight_source(stored, raw)
+        if stored.rotary_heads is None:
+            return weight
+        return _unpermute_rotary_rows(weight, stored.rotary_heads)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -89,19 +130,14 @@ def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
     )
 
 
-def read_tensors(reader: GGUFReader, config: ModelConfig, path: Path) -> dict[str, WeightSource]:
+def read_tensors(reader: GGUFReader, config: ModelConfig, path: Path) -> GGUFTensors:
     """All tensors under HF names, with llama.cpp's rotary row permutation of Q and K undone."""
-    weights: dict[str, WeightSource] = {}
+    stored: dict[str, _StoredTensor] = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
-        if name is None:
-            continue
-        weight = _tensor_source(tensor, path)
-        if config.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            weight = _unpermute_rotary_rows(weight, heads)
-        weights[name] = weight
-    return weights
+        if name is not None:
+            stored[name] = _stored_tensor(tensor, _rotary_heads(name, config), path)
+    return GGUFTensors(path, stored)
 
 
 def rope_frequency_factors(reader: GGUFReader) -> torch.Tensor | None:
@@ -122,29 +158,35 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
 
 
-def _tensor_source(tensor, path: Path) -> WeightSource:
+def _rotary_heads(name: str, config: ModelConfig) -> int | None:
+    if config.architecture != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+        return None
+    return config.num_heads if "q_proj" in name else config.num_kv_heads
+
+
+def _stored_tensor(tensor, rotary_heads: int | None, path: Path) -> _StoredTensor:
+    """Where `tensor` lies and how to read it; a tensor we could not read is an error now,
+    before any loading."""
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
-    if tensor.tensor_type in _FLOAT_TYPES:
-        data = np.asarray(tensor.data)
-        if tensor.tensor_type == GGMLQuantizationType.BF16:
-            # numpy has no bfloat16: the gguf package hands us its raw uint16 words
-            return (
-                torch.from_numpy(data.view(np.int16).copy())
-                .view(torch.bfloat16)
-                .float()
-                .reshape(shape)
-            )
-        return torch.from_numpy(data.astype(np.float32)).reshape(shape)
-    if len(shape) != 2:
-        raise GGUFError(f"{path}: quantized tensor {tensor.name} has {len(shape)} dims, expected 2")
     try:
-        GGMLQuantizationType(tensor.tensor_type)
+        qtype = GGMLQuantizationType(tensor.tensor_type)
     except ValueError as exc:
         raise GGUFError(
             f"{path}: tensor {tensor.name} has unknown type {tensor.tensor_type}"
         ) from exc
-    blocks = np.asarray(tensor.data).reshape(shape[0], -1)
-    return GGUFQuantTensor(GGMLQuantizationType(tensor.tensor_type), blocks, shape)
+    if qtype not in _FLOAT_TYPES and len(shape) != 2:
+        raise GGUFError(f"{path}: quantized tensor {tensor.name} has {len(shape)} dims, expected 2")
+    return _StoredTensor(qtype, shape, int(tensor.data_offset), int(tensor.n_bytes), rotary_heads)
+
+
+def _weight_source(stored: _StoredTensor, raw: np.ndarray) -> WeightSource:
+    """A tensor's bytes (uint8, read from the file) -> what the model loads."""
+    if stored.qtype not in _FLOAT_TYPES:
+        return GGUFQuantTensor(stored.qtype, raw.reshape(stored.shape[0], -1), stored.shape)
+    values = raw.view(_FLOAT_TYPES[stored.qtype])
+    if stored.qtype == GGMLQuantizationType.BF16:
+        return torch.from_numpy(values).view(torch.bfloat16).float().reshape(stored.shape)
+    return torch.from_numpy(values.astype(np.float32, copy=False)).reshape(stored.shape)
 
 
 def _unpermute_rotary_rows(weight: WeightSource, num_heads: int) -> WeightSource:

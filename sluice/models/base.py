@@ -8,13 +8,16 @@ in FUSED_PROJECTIONS and loaded as their parts stacked by rows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sluice.config import ModelConfig
 from sluice.layers.attention import AttentionMetadata, PagedAttention
+from sluice.layers.embedding import Embedding
 from sluice.layers.linear import Linear, Quantization
 from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
@@ -35,12 +38,10 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        # Left uninitialised (not resident): the checkpoint's table replaces it.
-        empty = torch.empty(config.vocab_size, config.hidden_size)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=empty)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)  # dense, exact
+        # The head's exact rows, one per token (tied models: embed_tokens itself).
+        self.lm_head = Embedding(config.vocab_size, config.hidden_size)
         # A quantized copy that ranks the vocabulary; None when the head runs dense alone.
         self.quantized_head: Linear | None = Linear(config.hidden_size, config.vocab_size)
 
@@ -54,32 +55,25 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is None:
-            return self.lm_head(hidden).float()
-        return shortlisted_logits(hidden, self.quantized_head, self.lm_head.weight)
+            return F.linear(hidden, self.lm_head.weight).float()
+        return shortlisted_logits(hidden, self.quantized_head, self.lm_head)
 
     def load_weights(
         self,
-        weights: dict[str, WeightSource],
+        weights: Mapping[str, WeightSource],
         dtype: torch.dtype,
         quantization: Quantization = "none",
     ) -> None:
         """Fill every parameter from HF-named checkpoint tensors; a missing one is an error."""
-        tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
-        heads = (self.lm_head, self.quantized_head)
         for name, module in self.named_modules():
-            if isinstance(module, Linear) and module not in heads:
+            if isinstance(module, Linear) and module is not self.quantized_head:
                 source = _linear_source(weights, self._checkpoint_name(name))
                 module.load(source, dtype, quantization)
         for name, param in self.named_parameters():
-            if not _is_linear_param(self, name):
+            if not _is_loaded_by_its_module(self, name):
                 _copy_into(param, to_dense(_take(weights, self._checkpoint_name(name))), name)
         self.to(dtype=dtype)
-        head = _take(weights, "model.embed_tokens.weight" if tied else "lm_head.weight")
-        if tied:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            self.lm_head.load(head, dtype, "none")
-        self._load_quantized_head(head, dtype, quantization)
+        self._load_tables(weights, dtype, quantization)
 
     def _checkpoint_name(self, module_name: str) -> str:
         """Our module path -> the HF checkpoint name (HF nests everything but lm_head under `model.`)."""
@@ -87,6 +81,24 @@ class CausalLM(nn.Module):
             return module_name
         top, dot, rest = module_name.partition(".")
         return "model." + self.CHECKPOINT_RENAMES.get(top, top) + dot + rest
+
+    def _load_tables(
+        self, weights: Mapping[str, WeightSource], dtype: torch.dtype, quantization: Quantization
+    ) -> None:
+        """The embedding, the head's exact rows and its quantized copy. A table kept as Q8_0
+        blocks serves row lookups only: without a quantized copy to rank the vocabulary, the head
+        multiplies its whole table and needs it dense."""
+        tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
+        embed = _take(weights, self._checkpoint_name("embed_tokens") + ".weight")
+        head = embed if tied else _take(weights, "lm_head.weight")
+        self._load_quantized_head(head, dtype, quantization)
+        ranked = self.quantized_head is not None
+        if tied:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head.load(head, dtype, keep_q8_0=ranked)
+        keep_embed_q8_0 = quantization != "none" and (ranked or not tied)
+        self.embed_tokens.load(embed, dtype, keep_q8_0=keep_embed_q8_0)
 
     def _load_quantized_head(
         self, head: WeightSource, dtype: torch.dtype, quantization: Quantization
@@ -111,7 +123,7 @@ class HybridCausalLM(CausalLM):
         return self.norm(x)
 
 
-def _linear_source(weights: dict[str, WeightSource], name: str) -> WeightSource:
+def _linear_source(weights: Mapping[str, WeightSource], name: str) -> WeightSource:
     prefix, _, leaf = name.rpartition(".")
     parts = FUSED_PROJECTIONS.get(leaf)
     if parts is None:
@@ -119,15 +131,16 @@ def _linear_source(weights: dict[str, WeightSource], name: str) -> WeightSource:
     return concat_rows([_take(weights, f"{prefix}.{part}.weight") for part in parts])
 
 
-def _take(weights: dict[str, WeightSource], name: str) -> WeightSource:
+def _take(weights: Mapping[str, WeightSource], name: str) -> WeightSource:
     if name not in weights:
         raise KeyError(f"checkpoint has no tensor {name!r}")
     return weights[name]
 
 
-def _is_linear_param(model: nn.Module, name: str) -> bool:
+def _is_loaded_by_its_module(model: nn.Module, name: str) -> bool:
     module_name = name.rpartition(".")[0]
-    return isinstance(model.get_submodule(module_name), Linear) if module_name else False
+    module = model.get_submodule(module_name) if module_name else None
+    return isinstance(module, (Linear, Embedding))
 
 
 def _copy_into(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:

@@ -34,14 +34,15 @@ def test_gguf_linears_stay_quantized(quantized_model):
     model = quantized_model.model
     qkv = model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv.qweight, QuantizedWeight) and qkv.weight is None
-    assert model.lm_head.qweight is None and model.lm_head.weight is model.embed_tokens.weight
     assert isinstance(model.quantized_head.qweight, QuantizedWeight)  # the tied Q8_0 embedding
+    # The exact head is the embedding itself, kept in its Q8_0 blocks.
+    assert model.lm_head is model.embed_tokens and model.embed_tokens.weight is None
 
 
 def test_shortlisted_logits_are_exact_where_they_decide(default_model, quantized_model):
     model = quantized_model.model
     hidden = torch.randn(5, model.config.hidden_size) * 3
-    exact = torch.nn.functional.linear(hidden, model.lm_head.weight)
+    exact = torch.nn.functional.linear(hidden, default_model.model.lm_head.weight)
     got = model.compute_logits(hidden)
     top = exact.topk(8, dim=-1)
     assert torch.equal(got.topk(8, dim=-1).indices, top.indices)
