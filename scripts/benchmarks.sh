@@ -18,20 +18,10 @@ offline() {  # batch size, prompts, max input, max output
 offline 1 4 512 256
 offline 32 64 512 256
 
-# Decode from a near-empty context (as llama-bench -n 128 does) and after a 512-token prompt.
-$S bench latency --input-len 8 --output-len 128 --iters 3 --threads 2 --output-file "$OUT/latency.jsonl"
-$S bench latency --input-len 512 --output-len 128 --iters 3 --threads 2 --output-file "$OUT/latency.jsonl"
-$S bench latency --input-len 512 --output-len 128 --iters 3 --threads 2 --quantization none --output-file "$OUT/latency.jsonl"
-for len in 8 512; do  # the eager engine, for the compiled step's share
-  $S bench latency --input-len $len --output-len 128 --iters 3 --threads 2 --no-compile --output-file "$OUT/latency_eager.jsonl"
-done
-
 bin=$(../shared/peers/llama_server.sh)
-"$bin/llama-bench" -m "$GGUF" -t 2 -p 512 -n 0 -o json > "$OUT/llama_bench_prefill.json"
-"$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -o json > "$OUT/llama_bench_decode.json"
-"$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -d 512 -o json > "$OUT/llama_bench_decode_depth512.json"
+OUT=$OUT scripts/bench_cpu_speed.sh  # issue #5: single stream, 32 streams, memory
 
-wait_health() { for _ in $(seq 180); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+wait_health() { for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
 GSP=(--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 8
      --gsp-system-prompt-len 1024 --gsp-question-len 64 --gsp-output-len 64 --max-concurrency 8
      --request-rate inf --ignore-eos --seed 0)
@@ -49,22 +39,6 @@ kill -TERM $pid; wait $pid || true
 
 "$bin/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8072 -t 2 -np 8 -c 16384 --cache-prompt >"$OUT/llama_server.log" 2>&1 & pid=$!
 wait_health http://127.0.0.1:8072 && serve_bench llama http://127.0.0.1:8072 --model smollm2
-kill -TERM $pid; wait $pid || true
-
-# 32 concurrent requests against 32 slots, and each server's peak resident memory (VmHWM, load
-# included) over the run.
-CONCURRENT=(--dataset-name random --num-prompts 64 --random-input-len 128 --random-output-len 128
-            --max-concurrency 32 --request-rate inf --ignore-eos --seed 0)
-peak_rss_mib() { awk '/VmHWM/ {print $2 / 1024}' "/proc/$1/status"; }
-for flag in --compile --no-compile; do
-  $S serve --port 8074 --max-num-seqs 32 --kv-cache-memory-gb 0.5 --threads 2 $flag & pid=$!
-  wait_health http://127.0.0.1:8074 && $S bench serve --base-url http://127.0.0.1:8074 "${CONCURRENT[@]}" --output-file "$OUT/concurrent_sluice$flag.jsonl"
-  echo "{\"server\": \"sluice $flag\", \"peak_rss_mib\": $(peak_rss_mib $pid)}" >> "$OUT/peak_rss.jsonl"
-  kill -TERM $pid; wait $pid || true
-done
-"$bin/llama-server" -m "$GGUF" --host 127.0.0.1 --port 8075 -t 2 -np 32 -c 16384 >"$OUT/llama_server_32.log" 2>&1 & pid=$!
-wait_health http://127.0.0.1:8075 && $S bench serve --base-url http://127.0.0.1:8075 "${CONCURRENT[@]}" --model smollm2 --output-file "$OUT/concurrent_llama.jsonl"
-echo "{\"server\": \"llama-server\", \"peak_rss_mib\": $(peak_rss_mib $pid)}" >> "$OUT/peak_rss.jsonl"
 kill -TERM $pid; wait $pid || true
 
 # Hybrid model (tiny random Qwen3-Next: 8 layers, DeltaNet and attention taking turns, hidden

@@ -55,7 +55,7 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=compile_default,
-        help="run decode steps through torch.compile (compiled at start, ~45 s, then cached)",
+        help="run steps through torch.compile (compiled at start, ~90 s, then cached)",
     )
 
 

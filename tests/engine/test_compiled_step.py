@@ -62,14 +62,17 @@ def sdpa_reference(q, k_cache, v_cache, pages, kv_len) -> torch.Tensor:
     return out.reshape(1, -1)
 
 
-@torch.inference_mode()
 def test_logits_match_eager_for_every_step_from_one_graph(make_llm):
     """Decodes alone and in batches of up to 6 (the decode graph: cache writes and the paged
     kernel traced in), prefill chunks alone and beside decodes (the other graph), steps that
     sample every row, some, or none; contexts of different lengths in consecutive or scattered
     pages: the compiled logits and cache writes equal the eager forward's, nothing recompiles."""
-    llm = make_llm(num_pages=64)
-    model = llm.engine.runner.model
+    llm = make_llm(num_pages=64)  # made as engines are, outside inference mode
+    with torch.inference_mode():  # as the runner calls it: grad mode would compile it again
+        check_logits_match_eager(llm.engine.runner.model)
+
+
+def check_logits_match_eager(model) -> None:
     compiled = compiled_step(model, PAGE_SIZE, torch.device("cpu"))
     assert compiled is not None
     generator = torch.Generator().manual_seed(0)
