@@ -10,7 +10,7 @@ not specialized, not even to 0 or 1):
 - every other step (prefill chunks, alone or beside decodes): attention is an opaque operator
   (layers/attention.py), so variable-length prompts and their masks stay out of the graph.
 
-Compiling both takes about 90 s on a first start on two cores and about 20 s once inductor's
+Compiling both takes about 90 s on a first start on two cores, much less once inductor's
 on-disk cache holds them; where it fails (no C++ compiler, say), the engine logs why and runs
 eagerly. Weights are not frozen into the graphs: freezing measured no faster per step here and
 defeats the autograd-level cache.
