@@ -4,11 +4,7 @@
 # 32 slots with each server's peak resident memory. JSON lines go to $OUT (default bench_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench_out}
-mkdir -p "$OUT"
-S=.venv/bin/sluice
-GGUF=$(.venv/bin/python -c "from sluice.loaders.model_path import resolve_model; print(resolve_model())")
-bin=$(../shared/peers/llama_server.sh)
+source scripts/bench_env.sh
 
 latency() {  # input length, extra engine flags...
   local len=$1; shift
@@ -23,7 +19,6 @@ done
 latency 512 --kv-cache-dtype float16
 for len in 8 512; do latency $len --no-compile; done  # the eager engine, for the compiled share
 
-wait_health() { for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
 peak_rss_mib() { awk '/VmHWM/ {print $2 / 1024}' "/proc/$1/status"; }
 CONCURRENT=(--dataset-name random --num-prompts 64 --random-input-len 128 --random-output-len 128
             --max-concurrency 32 --request-rate inf --ignore-eos --seed 0)

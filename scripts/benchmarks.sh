@@ -4,10 +4,7 @@
 #   scripts/benchmarks.sh            # needs .venv (make setup-test) and ../shared/peers
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench_out}
-mkdir -p "$OUT"
-S=.venv/bin/sluice
-GGUF=$(.venv/bin/python -c "from sluice.loaders.model_path import resolve_model; print(resolve_model())")
+source scripts/bench_env.sh
 
 offline() {  # batch size, prompts, max input, max output
   local args=(--batch-size "$1" --num-prompts "$2" --input-len-min 100 --input-len-max "$3"
@@ -18,10 +15,8 @@ offline() {  # batch size, prompts, max input, max output
 offline 1 4 512 256
 offline 32 64 512 256
 
-bin=$(../shared/peers/llama_server.sh)
 OUT=$OUT scripts/bench_cpu_speed.sh  # issue #5: single stream, 32 streams, memory
 
-wait_health() { for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
 GSP=(--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 8
      --gsp-system-prompt-len 1024 --gsp-question-len 64 --gsp-output-len 64 --max-concurrency 8
      --request-rate inf --ignore-eos --seed 0)
