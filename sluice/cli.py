@@ -38,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="K and V as stored in the pages (auto: the model's dtype)",
+        help="K and V as stored in the pages (auto: float16 on the CPU, else the model's dtype)",
     )
     group.add_argument(
         "--state-pool-ratio",

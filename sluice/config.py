@@ -115,7 +115,7 @@ class CacheConfig:
 
     page_size: int = 16
     memory_budget_bytes: int = 1 << 30
-    dtype: str = "auto"  # of K and V: auto (the model's), float32, bfloat16, float16
+    dtype: str = "auto"  # of K and V: auto, float32, bfloat16, float16 (see kv_dtype)
     num_pages: int | None = None  # overrides the budget (tests force small pools with it)
     enable_prefix_cache: bool = True
     state_pool_ratio: float = 0.5
@@ -129,8 +129,12 @@ class CacheConfig:
         if self.num_state_slots is not None and self.num_state_slots < 1:
             raise ValueError(f"num_state_slots must be >= 1, got {self.num_state_slots}")
 
-    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return model_dtype if self.dtype == "auto" else DTYPES[self.dtype]
+    def kv_dtype(self, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """auto: float16 on the CPU (as llama.cpp: half the bytes a decode step reads and the
+        pool holds, same greedy output as float32 in our tests), the model's dtype elsewhere."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.float16 if device.type == "cpu" else model_dtype
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from sluice.layers.attention import AttentionMetadata, DecodeMetadata, step_metadata
+from sluice.memory import loading_allocations_mapped
 from sluice.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def _compile(model: CausalLM, page_size: int, device: torch.device) -> CompiledS
     start = time.perf_counter()
     compiled = CompiledStep(model)
     try:
-        with torch.inference_mode():  # the runner's tensors are inference tensors: so are these
+        # the runner's tensors are inference tensors: so are these
+        with torch.inference_mode(), loading_allocations_mapped():
             for query_lens, context_lens in _WARMUP_STEPS:
                 compiled(*_warmup_step(query_lens, context_lens, page_size, device))
     except Exception as error:  # inductor fails in many ways (no compiler, headers, ...)

@@ -45,7 +45,7 @@ class Engine:
         kv_budget = config.cache.memory_budget_bytes
         if self.state_pool is not None:
             kv_budget -= self.state_pool.num_slots * state_bytes_per_slot(loaded.model, dtype)
-        kv_dtype = config.cache.kv_dtype(dtype)
+        kv_dtype = config.cache.kv_dtype(dtype, self.device)
         num_pages = config.cache.num_pages or max(
             1, kv_budget // kv_bytes_per_page(loaded.config, page_size, kv_dtype)
         )

@@ -14,7 +14,7 @@ from sluice.layers.linear import Quantization
 from sluice.layers.rotary import inverse_frequencies
 from sluice.loaders import gguf, safetensors
 from sluice.loaders.tokenizer import Tokenizer
-from sluice.memory import release_freed_heap
+from sluice.memory import loading_allocations_mapped, release_freed_heap
 from sluice.models.bamba import BambaForCausalLM
 from sluice.models.base import CausalLM
 from sluice.models.llama import LlamaForCausalLM
@@ -42,6 +42,21 @@ def load_model(
     path: Path, device: torch.device, dtype: torch.dtype, quantization: Quantization = "none"
 ) -> LoadedModel:
     start = time.perf_counter()
+    with loading_allocations_mapped():
+        model, config, tokenizer = _load(path, device, dtype, quantization)
+    logger.info(
+        "loaded %s (%s, %s) in %.1fs",
+        path.name,
+        config.architecture,
+        dtype,
+        time.perf_counter() - start,
+    )
+    return LoadedModel(model, config, tokenizer, path)
+
+
+def _load(
+    path: Path, device: torch.device, dtype: torch.dtype, quantization: Quantization
+) -> tuple[CausalLM, ModelConfig, Tokenizer]:
     if path.suffix == ".gguf":
         config, weights, inv_freq, tokenizer = _read_gguf(path)
     else:
@@ -55,14 +70,7 @@ def load_model(
     model.eval()
     del weights
     release_freed_heap()
-    logger.info(
-        "loaded %s (%s, %s) in %.1fs",
-        path.name,
-        config.architecture,
-        dtype,
-        time.perf_counter() - start,
-    )
-    return LoadedModel(model, config, tokenizer, path)
+    return model, config, tokenizer
 
 
 def _read_gguf(

@@ -135,7 +135,7 @@ def test_the_cache_budget_splits_between_state_slots_and_pages(hybrid):
     budget = int(0.001 * (1 << 30))
     slot_bytes = state_bytes_per_slot(loaded.model, torch.float32)
     assert engine.state_pool.num_slots == budget // 4 // slot_bytes
-    page_bytes = kv_bytes_per_page(loaded.config, 16, torch.float32)
+    page_bytes = kv_bytes_per_page(loaded.config, 16, torch.float16)  # the CPU's KV default
     assert (
         engine.pool.num_pages == (budget - engine.state_pool.num_slots * slot_bytes) // page_bytes
     )

@@ -29,7 +29,7 @@ def reference(default_gguf):
 
 
 def test_logits_match_transformers(make_llm, reference, default_model):
-    llm = make_llm()
+    llm = make_llm(kv_cache_dtype="float32", compile=False)  # the fp32 path all the way
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0, -1]
