@@ -16,13 +16,13 @@ for round in 1 2; do
   "$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -o jsonl >> "$OUT/llama_bench.jsonl"
   "$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -d 512 -o jsonl >> "$OUT/llama_bench.jsonl"
 done
-latency 512 --kv-cache-dtype float16
+latency 512 --kv-cache-dtype float32  # the full-precision cache (the default is float16 on the CPU)
 for len in 8 512; do latency $len --no-compile; done  # the eager engine, for the compiled share
 
 peak_rss_mib() { awk '/VmHWM/ {print $2 / 1024}' "/proc/$1/status"; }
 CONCURRENT=(--dataset-name random --num-prompts 64 --random-input-len 128 --random-output-len 128
             --max-concurrency 32 --request-rate inf --ignore-eos --seed 0)
-for flags in "--compile" "--compile --kv-cache-dtype float16" "--no-compile"; do
+for flags in "--compile" "--compile --kv-cache-dtype float32" "--no-compile"; do
   label=$(echo "$flags" | tr -d ' -')
   $S serve --port 8074 --max-num-seqs 32 --kv-cache-memory-gb 0.5 --threads 2 $flags & pid=$!
   wait_health http://127.0.0.1:8074 && $S bench serve --base-url http://127.0.0.1:8074 "${CONCURRENT[@]}" --output-file "$OUT/concurrent_sluice_$label.jsonl"
