@@ -63,6 +63,11 @@ class PagedRunner:
         return out
 
 
+def token_ids(results) -> list[list[int]]:
+    """The first completion's token ids of each result."""
+    return [r.outputs[0].token_ids for r in results]
+
+
 def reference_logits(reference, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return reference(torch.tensor([ids])).logits[0]

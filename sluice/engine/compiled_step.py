@@ -18,13 +18,13 @@ defeats the autograd-level cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from sluice.layers.attention import AttentionMetadata, DecodeMetadata, step_metadata
 from sluice.memory import loading_allocations_mapped
@@ -40,7 +40,8 @@ class CompiledStep:
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         # size_asserts off: checking every operator output's shape costs ~0.5 ms a step.
-        options = {"size_asserts": False, "guard_filter_fn": _input_guards}
+        guard_filter = functools.partial(_step_guards, model)
+        options = {"size_asserts": False, "guard_filter_fn": guard_filter}
         self._decode_graph = torch.compile(_own_code(_step), fullgraph=True, options=options)
         self._graph = torch.compile(_own_code(_step), fullgraph=True, options=options)
 
@@ -75,27 +76,30 @@ def _own_code(function: Callable) -> Callable:
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
 
 
-def _input_guards(guards: list) -> list[bool]:
-    """Keep the guards on the step's tensors (inputs, KV pools) and on global state (grad mode,
-    default device); drop the ~5,000 on the model's structure and weights, which are fixed once it
-    is loaded and cost ~1 ms a step to check (a tenth of a single-stream decode step)."""
+def _step_guards(model: CausalLM, guards: list) -> list[bool]:
+    """Keep the guards on what may differ between calls: the step's own tensors (its arguments),
+    the KV pools, and global state (grad mode, default device). The pools are guarded through the
+    first layer's pair: `allocate_kv_cache` gives every layer pools alike, in one call, and an
+    engine sharing the model rebinds them all. Drop the rest, ~5,800 on the model's structure and
+    weights (fixed once it is loaded): checking them cost ~1 ms a step, a tenth of a
+    single-stream decode step."""
+    first = model.attention_layers()[0]
+    pools = (first.k_cache, first.v_cache)
     return [
         guard.guard_type in _STATE_GUARDS
-        or (guard.guard_type == "TENSOR_MATCH" and not isinstance(guard.value, nn.Parameter))
+        or (
+            guard.guard_type == "TENSOR_MATCH"
+            and (_is_step_argument(guard.name) or any(guard.value is pool for pool in pools))
+        )
         for guard in guards
     ]
 
 
-_STATE_GUARDS = frozenset(
-    {
-        "GLOBAL_STATE",
-        "GRAD_MODE",
-        "DEFAULT_DEVICE",
-        "TORCH_FUNCTION_STATE",
-        "DUPLICATE_INPUT",
-        "NO_TENSOR_ALIASING",
-    }
-)
+def _is_step_argument(source: str) -> bool:
+    return source.split(".")[0] in ("input_ids", "meta", "rows")
+
+
+_STATE_GUARDS = frozenset({"GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE", "TORCH_FUNCTION_STATE"})
 
 
 def compiled_step(model: CausalLM, page_size: int, device: torch.device) -> CompiledStep | None:

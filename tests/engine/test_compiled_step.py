@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_harness import reference_greedy
+from model_harness import reference_greedy, token_ids
 from torch._dynamo.utils import counters
 
 from sluice import SamplingParams
@@ -65,20 +65,45 @@ def sdpa_reference(q, k_cache, v_cache, pages, kv_len) -> torch.Tensor:
     return out.reshape(1, -1)
 
 
-def test_logits_match_eager_for_every_step_from_one_graph(default_gguf):
+@pytest.fixture(scope="module")
+def own_model(default_gguf):
+    """A model of its own: the suite's shared one has its graphs compiled for the default
+    float16 pools."""
+    return load_model(default_gguf, torch.device("cpu"), torch.float32, quantization="none")
+
+
+def test_logits_match_eager_for_every_step_from_one_graph(own_model):
     """Decodes alone and in batches of up to 6 (the decode graph: cache writes and the paged
     kernel traced in), prefill chunks alone and beside decodes (the other graph), steps that
     sample every row, some, or none; contexts of different lengths in consecutive or scattered
     pages: the compiled logits and cache writes equal the eager forward's, nothing recompiles.
     Over fp32 pages, where the two agree to 1e-4 (over float16 ones they differ by up to 1e-3;
-    test_engine checks that those keep the greedy output). A model of its own: the suite's
-    shared one has its graphs compiled for the default float16 pools."""
-    cpu = torch.device("cpu")
-    loaded = load_model(default_gguf, cpu, torch.float32, quantization="none")
+    test_engine checks that those keep the greedy output)."""
     config = EngineConfig.create(quantization="none", num_pages=64, kv_cache_dtype="float32")
-    engine = Engine(config, loaded=loaded)  # made as engines are, outside inference mode
+    engine = Engine(config, loaded=own_model)  # made as engines are, outside inference mode
     with torch.inference_mode():  # as the runner calls it: grad mode would compile it again
         check_logits_match_eager(engine.runner.model)
+
+
+def test_an_engine_with_other_pools_gets_graphs_of_its_own(own_model):
+    """The graphs guard the KV pools through the first layer's pair alone (every layer's are
+    allocated alike): a second engine with float16 pools on a model compiled for fp32 ones
+    must get graphs of its own, not run the fp32 graphs over half-precision bytes."""
+
+    def engine(**options) -> LLM:
+        config = EngineConfig.create(quantization="none", **options)
+        return LLM.from_engine(Engine(config, loaded=own_model))
+
+    engine(kv_cache_dtype="float32")  # the model's graphs, compiled for fp32 pools
+    graphs = counters["stats"]["unique_graphs"]
+    half = engine(kv_cache_dtype="float16")
+    prompt = half.chat_prompt([{"role": "user", "content": "Name three rivers."}])
+    got = token_ids(half.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True)))
+    assert counters["stats"]["unique_graphs"] > graphs
+    eager = engine(kv_cache_dtype="float16", compile=False)
+    assert (
+        token_ids(eager.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))) == got
+    )
 
 
 def check_logits_match_eager(model) -> None:

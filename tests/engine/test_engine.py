@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_harness import token_ids
 
 from sluice import InvalidParameterError, SamplingParams
 
@@ -31,10 +32,6 @@ def mixed_prompts(llm) -> list[list[int]]:
 
 def greedy(max_tokens: int = 24) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-
-
-def token_ids(results) -> list[list[int]]:
-    return [r.outputs[0].token_ids for r in results]
 
 
 def test_batch_chunking_and_preemption_change_nothing(make_llm):

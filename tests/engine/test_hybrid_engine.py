@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_no_leaks
-from model_harness import reference_greedy
+from model_harness import reference_greedy, token_ids
 
 from sluice import SamplingParams
 from sluice.api import LLM
@@ -46,10 +46,6 @@ def make_llm(hybrid):
 def random_tokens(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist()
-
-
-def token_ids(results) -> list[list[int]]:
-    return [r.outputs[0].token_ids for r in results]
 
 
 def test_batched_chunked_generation_matches_transformers(hybrid, make_llm):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from model_harness import token_ids
 
 from sluice import SamplingParams
 
@@ -24,10 +25,6 @@ def shared_prefix_prompts(llm) -> list[list[int]]:
         diverge_mid_page,  # shares 37 tokens: two whole pages and part of a third
         system + llm.tokenizer.encode(" Name a prime number."),
     ]
-
-
-def token_ids(results) -> list[list[int]]:
-    return [r.outputs[0].token_ids for r in results]
 
 
 @pytest.fixture
