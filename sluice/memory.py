@@ -43,7 +43,7 @@ def loading_allocations_mapped() -> Iterator[None]:
 
     glibc's dynamic threshold otherwise rises to the size of the first large block freed, so
     the loader's temporaries and then the weights themselves land in the heap, whose holes
-    freed memory cannot leave: ~60 MB more resident for the default model, for good. After
+    freed memory cannot leave: ~50 MB more resident for the default model, for good. After
     loading the thresholds are set to where the dynamic ones settle (32 MiB, trim at twice
     that), so a step's buffers are reused from the heap rather than mapped and faulted anew.
     """
