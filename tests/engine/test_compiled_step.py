@@ -98,12 +98,11 @@ def test_an_engine_with_other_pools_gets_graphs_of_its_own(own_model):
     graphs = counters["stats"]["unique_graphs"]
     half = engine(kv_cache_dtype="float16")
     prompt = half.chat_prompt([{"role": "user", "content": "Name three rivers."}])
-    got = token_ids(half.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True)))
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    got = token_ids(half.generate([prompt], params))
     assert counters["stats"]["unique_graphs"] > graphs
     eager = engine(kv_cache_dtype="float16", compile=False)
-    assert (
-        token_ids(eager.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True))) == got
-    )
+    assert token_ids(eager.generate([prompt], params)) == got
 
 
 def check_logits_match_eager(model) -> None:

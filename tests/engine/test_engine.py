@@ -35,9 +35,10 @@ def greedy(max_tokens: int = 24) -> SamplingParams:
 
 
 def test_batch_chunking_and_preemption_change_nothing(make_llm):
-    """Over fp32 pages: float16 ones round keys computed in different batches differently (by
-    ~1e-7 in fp32), which can flip a near-tie; eagerly, since the shared model's graphs are
-    compiled for the default float16 pools (the compiled step has tests of its own)."""
+    """Over fp32 pages: over float16 ones, one of the 16 prompts parted after 10 tokens batched
+    against alone (keys that differ by fp32 rounding between batch shapes can round to different
+    halves, and a near-tie flips). Eagerly, since the shared model's graphs are compiled for the
+    default float16 pools (the compiled step has tests of its own)."""
     fp32 = {"kv_cache_dtype": "float32", "compile": False}
     alone = make_llm(**fp32)
     prompts = mixed_prompts(alone)
