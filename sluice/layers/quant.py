@@ -1,19 +1,26 @@
 """Weight-only quantized matmul that keeps GGUF weights compact in memory.
 
-Every format here is stored in PyTorch's CPU int4pack layout and multiplied with
-`aten._weight_int4pack_mm_for_cpu`, which computes, for 4-bit codes c in 0..15 and one bf16
-(scale, zero) pair per group of inputs, W = (c - 8) * scale + zero. Any weight that is an integer q
-times a per-group scale plus a per-group offset maps onto it:
+Every format here is stored as 4-bit codes c in 0..15 with one (scale, offset) pair per group of
+inputs, W = c * scale + offset. Any weight that is an integer q times a per-group scale plus a
+per-group offset maps onto it:
 
 - 4-bit formats (Q4_0, Q4_1, Q4_K, `quantize(..., "int4")`) are one plane of codes;
 - 5- and 8-bit formats (Q5_0, Q5_1, Q5_K, Q8_0, `quantize(..., "int8")`) split q = 16 * hi + lo into
   two planes laid side by side along the input axis, with x repeated once per plane, so one kernel
   call still computes the whole product.
 
-The representation is exact except that scales and zeros are rounded to bf16 (the kernel's only
-fast path is bf16), an error of the same size as the bf16 rounding of activations and outputs.
-Q6_K (one scale per 16 weights, below the kernel's smallest group of 32) and other types have no
-exact mapping; `from_gguf_blocks` returns None for them and the caller dequantizes.
+Two kernels, two layouts:
+
+- "tiled" (`Int4TiledWeight`): sluice's own AVX512-BF16 kernel (kernels/int4_cpu.cpp), where the
+  CPU has it. Scales and offsets are float16, so the legacy formats (whose d and m are float16)
+  are exact; K-quant scales d * sc are rounded to float16.
+- "int4pack" (`Int4PackedWeight`): PyTorch's `aten._weight_int4pack_mm_for_cpu` everywhere else
+  (AVX2, ARM). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
+  to bf16, an error of the size of the bf16 rounding of activations and outputs.
+
+Both multiply bf16-rounded activations. Q6_K (one scale per 16 weights, below the smallest group
+of 32) and other types have no exact mapping; `from_gguf_blocks` returns None for them and the
+caller dequantizes.
 """
 
 from __future__ import annotations
@@ -26,16 +33,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sluice.kernels import int4_cpu
+
 QType = gguf.GGMLQuantizationType
+Layout = Literal["tiled", "int4pack"]
 
 # Every GGUF format above has one scale and offset per 32 weights.
 GGUF_GROUP_SIZE = 32
-# The int4pack kernels take only these group sizes.
+# The kernels take only these group sizes.
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-# The CPU packer wants the number of output rows to be a multiple of 16.
+# Both layouts want the number of output rows to be a multiple of 16.
 _ROW_MULTIPLE = 16
-# Packing goes through a temporary int32 copy of the codes; a multiple of 64 rows per chunk keeps
-# the packed chunks concatenable (the packer lays rows out in blocks of at most 64).
+# Packing goes through temporary copies of the codes; a multiple of 64 rows per chunk keeps the
+# packed chunks concatenable (int4pack lays rows out in blocks of at most 64, tiled in 32).
 _PACK_CHUNK_ROWS = 4096
 
 
@@ -58,15 +68,15 @@ class QuantizedWeight(torch.nn.Module):
         raise NotImplementedError
 
 
-class Int4PackedWeight(QuantizedWeight):
-    """W = sum over planes of (code - 8) * scale + zero, planes side by side along the inputs.
+class _PlanarInt4Weight(QuantizedWeight):
+    """W = sum over planes of code * scale + offset, planes side by side along the inputs.
 
-    Built from codes [out, planes * in] (0..15) and float scales/zeros [out, planes * in / group].
-    CPU only: the packed layout is specific to the CPU kernels.
+    Built from codes [out, planes * in] (0..15) and float scales/offsets [out, planes * in / group];
+    subclasses store them in their kernel's layout. CPU only.
     """
 
     def __init__(
-        self, codes: Tensor, scales: Tensor, zeros: Tensor, in_features: int, group_size: int
+        self, codes: Tensor, scales: Tensor, offsets: Tensor, in_features: int, group_size: int
     ) -> None:
         super().__init__()
         self.out_features = codes.shape[0]
@@ -75,15 +85,33 @@ class Int4PackedWeight(QuantizedWeight):
         self.group_size = group_size
         rows = -(-self.out_features // _ROW_MULTIPLE) * _ROW_MULTIPLE
         pad = rows - self.out_features
-        # Padding rows get code 8 with zero scale and zero: weight 0, sliced off the output.
-        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad), value=8)
-        scales = torch.nn.functional.pad(scales.float(), (0, 0, 0, pad))
-        zeros = torch.nn.functional.pad(zeros.float(), (0, 0, 0, pad))
+        # Padding rows get zero scales and offsets: weight 0, sliced off the output.
         self.padded = pad > 0
-        # Plain attributes, not buffers: Module.to(dtype) must not cast the kernel's bf16 scales,
-        # and the packed layout is only meaningful to the CPU kernels anyway.
-        self.packed = _pack_codes(codes)
-        self.scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+        self._store(
+            torch.nn.functional.pad(codes, (0, 0, 0, pad)),
+            torch.nn.functional.pad(scales.float(), (0, 0, 0, pad)),
+            torch.nn.functional.pad(offsets.float(), (0, 0, 0, pad)),
+        )
+
+    def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
+        """Keep [padded out, planes * in] codes and [padded out, groups] scales and offsets as
+        plain attributes, not buffers: Module.to(dtype) must not cast them."""
+        raise NotImplementedError
+
+    def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What `_store` was given: codes, scales and offsets as the kernel uses them, float32."""
+        raise NotImplementedError
+
+    def _storage(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _multiply(self, rows: Tensor) -> Tensor:
+        """[M, planes * in] -> [M, padded out]."""
+        raise NotImplementedError
+
+    def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
+        """Make this weight's storage the row-wise concatenation of `parts`'."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (
@@ -92,15 +120,14 @@ class Int4PackedWeight(QuantizedWeight):
         )
 
     @staticmethod
-    def stack_rows(parts: list[Int4PackedWeight]) -> Int4PackedWeight:
+    def stack_rows(parts: list[_PlanarInt4Weight]) -> _PlanarInt4Weight:
         """One weight from row slices packed separately (all but the last a multiple of
         `_PACK_CHUNK_ROWS` rows, so only the last one carries padding rows)."""
         whole = parts[0]
         if len(parts) == 1:
             return whole
         assert all(p.out_features % _PACK_CHUNK_ROWS == 0 for p in parts[:-1])
-        whole.packed = torch.cat([p.packed for p in parts])
-        whole.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+        whole._concatenate(parts)
         whole.out_features = sum(p.out_features for p in parts)
         whole.padded = parts[-1].padded
         return whole
@@ -109,12 +136,8 @@ class Int4PackedWeight(QuantizedWeight):
         # Decoding makes hundreds of these calls per token on tiny inputs, where each no-op
         # reshape or cast would cost about a microsecond next to a kernel of a few: skip them.
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
         rows = rows.repeat(1, self.planes) if self.planes > 1 else rows.contiguous()
-        out = torch._weight_int4pack_mm_for_cpu(
-            rows, self.packed, self.group_size, self.scales_and_zeros
-        )
+        out = self._multiply(rows)
         if self.padded:
             out = out[:, : self.out_features]
         if out.dtype != x.dtype:
@@ -122,16 +145,98 @@ class Int4PackedWeight(QuantizedWeight):
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+        return sum(t.numel() * t.element_size() for t in self._storage())
 
     def dequantize(self) -> Tensor:
-        scales_and_zeros = self.scales_and_zeros.float()
-        scales = scales_and_zeros[..., 0].T.repeat_interleave(self.group_size, dim=1)
-        zeros = scales_and_zeros[..., 1].T.repeat_interleave(self.group_size, dim=1)
-        # (code - 8) * scale is exact in fp32: one rounding, as in the kernel's fused multiply-add.
-        per_plane = torch.addcmul(zeros, self._centered_codes(), scales)
+        codes, scales, offsets = self._stored()
+        # code * scale is exact in fp32: one rounding, as in the kernels' fused multiply-adds.
+        per_plane = torch.addcmul(
+            offsets.repeat_interleave(self.group_size, dim=1),
+            codes,
+            scales.repeat_interleave(self.group_size, dim=1),
+        )
         per_plane = per_plane[: self.out_features].view(self.out_features, self.planes, -1)
         return per_plane.sum(dim=1)
+
+
+class Int4TiledWeight(_PlanarInt4Weight):
+    """The layout of sluice's AVX512-BF16 kernel (see kernels/int4_cpu.cpp): codes [tiles, in / 4,
+    32] and float16 (scale, offset) [tiles, groups, 2, 16], both stored two tiles at a time."""
+
+    def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
+        tiles, inputs = codes.shape[0] // int4_cpu.TILE_ROWS, codes.shape[1]
+        # [tile, row, chunk, high, parity] -> [tile, chunk, row, parity, high]
+        codes = codes.view(tiles, int4_cpu.TILE_ROWS, inputs // 4, 2, 2).permute(0, 2, 1, 4, 3)
+        chunks = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+        self.codes = _pairs_interleaved(chunks.reshape(tiles, inputs // 4, 32))
+        scale_offset = torch.stack([scales, offsets], dim=-1).to(torch.float16)
+        scale_offset = scale_offset.view(tiles, int4_cpu.TILE_ROWS, -1, 2).permute(0, 2, 3, 1)
+        self.scale_offset = _pairs_interleaved(scale_offset)
+
+    def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        chunks = _pairs_deinterleaved(self.codes)
+        tiles, quads = chunks.shape[:2]
+        chunks = chunks.view(tiles, quads, int4_cpu.TILE_ROWS, 2)
+        nibbles = torch.stack([chunks & 15, chunks >> 4], dim=-1)  # [.., parity, high]
+        codes = nibbles.permute(0, 2, 1, 4, 3).reshape(tiles * int4_cpu.TILE_ROWS, quads * 4)
+        scale_offset = _pairs_deinterleaved(self.scale_offset).permute(0, 3, 1, 2).float()
+        scale_offset = scale_offset.reshape(tiles * int4_cpu.TILE_ROWS, -1, 2)
+        return codes.float(), scale_offset[..., 0], scale_offset[..., 1]
+
+    def _storage(self) -> list[Tensor]:
+        return [self.codes, self.scale_offset]
+
+    def _multiply(self, rows: Tensor) -> Tensor:
+        if rows.dtype not in (torch.float32, torch.bfloat16):
+            rows = rows.float()
+        return int4_cpu.linear(rows, self.codes, self.scale_offset, self.group_size)
+
+    def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
+        self.codes = torch.cat([p.codes for p in parts])
+        self.scale_offset = torch.cat([p.scale_offset for p in parts])
+
+
+def _pairs_interleaved(per_tile: Tensor) -> Tensor:
+    """[tiles, n, ...] -> the same, each pair of tiles stored n-major ([n, 2, ...]) so that a
+    thread working on a pair reads one sequential stream; an odd last tile stays as it is."""
+    paired = per_tile.shape[0] // 2 * 2
+    pairs = per_tile[:paired].reshape(-1, 2, *per_tile.shape[1:]).transpose(1, 2)
+    return torch.cat([pairs.reshape(per_tile[:paired].shape), per_tile[paired:]]).contiguous()
+
+
+def _pairs_deinterleaved(stored: Tensor) -> Tensor:
+    paired = stored.shape[0] // 2 * 2
+    pairs = stored[:paired].reshape(-1, stored.shape[1], 2, *stored.shape[2:]).transpose(1, 2)
+    return torch.cat([pairs.reshape(stored[:paired].shape), stored[paired:]])
+
+
+class Int4PackedWeight(_PlanarInt4Weight):
+    """PyTorch's CPU int4pack layout, multiplied by `aten._weight_int4pack_mm_for_cpu` with bf16
+    (scale, zero = offset + 8 * scale) pairs."""
+
+    def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
+        self.packed = _pack_codes(codes)
+        zeros = offsets + 8 * scales
+        self.scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+
+    def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        scales_and_zeros = self.scales_and_zeros.float()
+        scales = scales_and_zeros[..., 0].T
+        return self._centered_codes() + 8, scales, scales_and_zeros[..., 1].T - 8 * scales
+
+    def _storage(self) -> list[Tensor]:
+        return [self.packed, self.scales_and_zeros]
+
+    def _multiply(self, rows: Tensor) -> Tensor:
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_and_zeros
+        )
+
+    def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
+        self.packed = torch.cat([p.packed for p in parts])
+        self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
 
     def _centered_codes(self) -> Tensor:
         """code - 8 for every weight, [padded out, planes * in] float32.
@@ -148,6 +253,17 @@ class Int4PackedWeight(QuantizedWeight):
         return codes.T.float()
 
 
+def _weight_class(layout: Layout | None) -> type[_PlanarInt4Weight]:
+    """The layout asked for, else sluice's kernel where this CPU runs it."""
+    if layout is None:
+        layout = "tiled" if int4_cpu.available() else "int4pack"
+    if layout == "int4pack":
+        return Int4PackedWeight
+    if layout != "tiled" or not int4_cpu.available():
+        raise ValueError(f"layout {layout!r} is not one this CPU runs; expected 'int4pack'")
+    return Int4TiledWeight
+
+
 def _pack_codes(codes: Tensor) -> Tensor:
     chunks = [
         # inner_k_tiles (the 2) only matters for the CUDA layout; the CPU packer ignores it.
@@ -158,22 +274,22 @@ def _pack_codes(codes: Tensor) -> Tensor:
 
 
 def _from_affine_groups(
-    q: Tensor, scale: Tensor, offset: Tensor, planes: int, group_size: int
-) -> Int4PackedWeight:
+    q: Tensor, scale: Tensor, offset: Tensor, planes: int, group_size: int, layout: Layout | None
+) -> _PlanarInt4Weight:
     """Pack W = q * scale + offset, with q [out, in] integers and scale/offset [out, in / group].
 
     One plane takes q in 0..15; two planes take q in -128..127 as 16 * (q >> 4) + (q & 15), the
-    high plane with code (q >> 4) + 8 and scale 16 * scale, the low one with code q & 15.
+    high plane with code (q >> 4) + 8, scale 16 * scale and offset -128 * scale, the low one with
+    code q & 15.
     """
+    weight_class = _weight_class(layout)
     q = q.to(torch.int16)
     if planes == 1:
-        return Int4PackedWeight(
-            q.to(torch.uint8), scale, offset + 8 * scale, q.shape[1], group_size
-        )
+        return weight_class(q.to(torch.uint8), scale, offset, q.shape[1], group_size)
     codes = torch.cat([((q >> 4) + 8).to(torch.uint8), (q & 15).to(torch.uint8)], dim=1)
     scales = torch.cat([16 * scale, scale], dim=1)
-    zeros = torch.cat([torch.zeros_like(offset), offset + 8 * scale], dim=1)
-    return Int4PackedWeight(codes, scales, zeros, q.shape[1], group_size)
+    offsets = torch.cat([-128 * scale, offset], dim=1)
+    return weight_class(codes, scales, offsets, q.shape[1], group_size)
 
 
 # --- GGUF blocks -----------------------------------------------------------------------------
@@ -258,9 +374,14 @@ _GGUF_FORMATS: dict[QType, tuple[Callable[[np.ndarray], _Decoded], int]] = {
 
 
 def from_gguf_blocks(
-    qtype: QType, blocks: np.ndarray, shape: tuple[int, int], device: torch.device | str
+    qtype: QType,
+    blocks: np.ndarray,
+    shape: tuple[int, int],
+    device: torch.device | str,
+    layout: Layout | None = None,
 ) -> QuantizedWeight | None:
-    """Wrap raw GGUF rows (uint8 [out, bytes_per_row]) of a weight of `shape` = (out, in).
+    """Wrap raw GGUF rows (uint8 [out, bytes_per_row]) of a weight of `shape` = (out, in), in
+    `layout` (default: the fastest kernel this CPU runs).
 
     Returns None where there is no exact kernel for `qtype` on `device`; the caller then
     dequantizes with gguf.quants.dequantize.
@@ -284,9 +405,10 @@ def from_gguf_blocks(
                 torch.from_numpy(offset).reshape(len(rows), -1),
                 planes,
                 GGUF_GROUP_SIZE,
+                layout,
             )
         )
-    return Int4PackedWeight.stack_rows(parts)
+    return _PlanarInt4Weight.stack_rows(parts)
 
 
 def q8_0_values_and_scales(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -309,7 +431,10 @@ def _check_blocks(qtype: QType, blocks: np.ndarray, shape: tuple[int, int]) -> N
 
 
 def quantize(
-    weight: Tensor, mode: Literal["int8", "int4"], group_size: int = 32
+    weight: Tensor,
+    mode: Literal["int8", "int4"],
+    group_size: int = 32,
+    layout: Layout | None = None,
 ) -> QuantizedWeight:
     """Quantize a full-precision [out, in] weight, one scale per `group_size` inputs.
 
@@ -333,7 +458,9 @@ def quantize(
         planes = 2
     else:
         raise ValueError(f"unknown quantization mode {mode!r}; expected 'int8' or 'int4'")
-    return _from_affine_groups(q.reshape(out_features, -1), scale, offset, planes, group_size)
+    return _from_affine_groups(
+        q.reshape(out_features, -1), scale, offset, planes, group_size, layout
+    )
 
 
 def _bf16(t: Tensor) -> Tensor:

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from sluice.kernels import int4_cpu
 from sluice.layers.quant import (
     Int4PackedWeight,
+    Int4TiledWeight,
     QuantizedWeight,
     from_gguf_blocks,
     quantize,
@@ -25,8 +27,17 @@ K_TYPES = [QType.Q4_K, QType.Q5_K]
 # Formats whose weights are exactly bf16(d) * integer: no zero point to round.
 ZERO_FREE_TYPES = [QType.Q4_0, QType.Q5_0, QType.Q8_0]
 
-# 72 rows is not a multiple of 16, so the row padding is exercised too.
+# 72 rows is not a multiple of 16, so the row padding (and an odd last tile) is exercised too.
 OUT, IN = 72, 512
+LAYOUT_CLASSES = {"tiled": Int4TiledWeight, "int4pack": Int4PackedWeight}
+
+
+@pytest.fixture(params=list(LAYOUT_CLASSES))
+def layout(request: pytest.FixtureRequest) -> str:
+    """Each test runs on both kernels; sluice's needs AVX512-BF16 (and a C++ compiler)."""
+    if request.param == "tiled" and not int4_cpu.available():
+        pytest.skip("sluice's int4 kernel does not run on this machine")
+    return request.param
 
 
 def random_weight(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -70,18 +81,27 @@ def assert_matmul_matches(qw: QuantizedWeight, deq: torch.Tensor, ref: torch.Ten
     # Against full precision: bf16 activations, scales and outputs, nothing worse.
     exact = x @ ref.T
     assert (y - exact).norm() / exact.norm() < 1e-2
-    # Against the weights the kernel sees, with bf16 activations: only the output rounding.
-    seen = x.bfloat16().float() @ deq.T
-    slack = 1e-5 * (x.abs() @ deq.abs().T)
-    assert ((y - seen).abs() <= BF16_EPS * seen.abs() + slack).all()
+    assert_product_of_seen_weights(qw, x, y, deq)
+
+
+def assert_product_of_seen_weights(
+    qw: QuantizedWeight, x: torch.Tensor, y: torch.Tensor, deq: torch.Tensor
+) -> None:
+    """Against the weights the kernel sees: sluice's kernel multiplies fp32 activations to fp32
+    accuracy and bf16 ones exactly; int4pack rounds activations and outputs to bf16."""
+    tiled = isinstance(qw, Int4TiledWeight)
+    seen = (x if tiled else x.bfloat16()).double() @ deq.double().T
+    slack = 1e-5 * (x.abs().double() @ deq.abs().double().T)
+    rounding = 0 if tiled and x.dtype == torch.float32 else BF16_EPS
+    assert ((y.double() - seen).abs() <= rounding * seen.abs() + slack).all()
 
 
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
-def test_gguf_blocks_match_gguf_dequantize(qtype: QType) -> None:
+def test_gguf_blocks_match_gguf_dequantize(qtype: QType, layout: str) -> None:
     blocks = make_blocks(qtype, OUT, IN)
     ref = reference(blocks, qtype)
-    qw = from_gguf_blocks(qtype, blocks, (OUT, IN), torch.device("cpu"))
-    assert isinstance(qw, Int4PackedWeight)
+    qw = from_gguf_blocks(qtype, blocks, (OUT, IN), torch.device("cpu"), layout)
+    assert isinstance(qw, LAYOUT_CLASSES[layout])
     assert (qw.out_features, qw.in_features) == (OUT, IN)
     deq = qw.dequantize()
     assert deq.shape == (OUT, IN) and deq.dtype == torch.float32
@@ -90,10 +110,10 @@ def test_gguf_blocks_match_gguf_dequantize(qtype: QType) -> None:
 
 
 @pytest.mark.parametrize("qtype", ZERO_FREE_TYPES, ids=lambda t: t.name)
-def test_zero_free_types_are_exact_up_to_bf16_scale(qtype: QType) -> None:
+def test_zero_free_types_are_exact_up_to_bf16_scale(qtype: QType, layout: str) -> None:
     blocks = make_blocks(qtype, OUT, IN)
     ref = reference(blocks, qtype)
-    deq = from_gguf_blocks(qtype, blocks, (OUT, IN), "cpu").dequantize()
+    deq = from_gguf_blocks(qtype, blocks, (OUT, IN), "cpu", layout).dequantize()
     assert ((deq - ref).abs() <= BF16_EPS * ref.abs()).all()
 
 
@@ -114,19 +134,21 @@ def with_bf16_exact_headers(blocks: np.ndarray, qtype: QType) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", LEGACY_TYPES + K_TYPES, ids=lambda t: t.name)
-def test_bf16_exact_scales_give_bit_exact_weights(qtype: QType) -> None:
+def test_bf16_exact_scales_give_bit_exact_weights(qtype: QType, layout: str) -> None:
     blocks = with_bf16_exact_headers(make_blocks(qtype, OUT, IN), qtype)
-    deq = from_gguf_blocks(qtype, blocks, (OUT, IN), "cpu").dequantize()
+    deq = from_gguf_blocks(qtype, blocks, (OUT, IN), "cpu", layout).dequantize()
     assert torch.equal(deq, reference(blocks, qtype))
 
 
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0, QType.Q4_K], ids=lambda t: t.name)
-def test_concatenated_rows_are_the_stacked_weight(qtype: QType) -> None:
+def test_concatenated_rows_are_the_stacked_weight(qtype: QType, layout: str) -> None:
     parts = [make_blocks(qtype, rows, IN, seed) for seed, rows in enumerate([64, 16, 24])]
     stacked = concat_rows([GGUFQuantTensor(qtype, p, (p.shape[0], IN)) for p in parts])
     assert stacked.shape == (104, IN)
-    fused = from_gguf_blocks(qtype, stacked.blocks, stacked.shape, "cpu")
-    alone = [from_gguf_blocks(qtype, p, (p.shape[0], IN), "cpu").dequantize() for p in parts]
+    fused = from_gguf_blocks(qtype, stacked.blocks, stacked.shape, "cpu", layout)
+    alone = [
+        from_gguf_blocks(qtype, p, (p.shape[0], IN), "cpu", layout).dequantize() for p in parts
+    ]
     deq = fused.dequantize()
     assert torch.equal(deq, torch.cat(alone))
     ref = torch.cat([reference(p, qtype) for p in parts])
@@ -148,12 +170,12 @@ def test_wrong_block_shape_is_rejected() -> None:
         from_gguf_blocks(QType.Q4_0, blocks, (16, 96), "cpu")
 
 
-def test_matmul_keeps_activation_dtype_and_survives_module_casts() -> None:
+def test_matmul_keeps_activation_dtype_and_survives_module_casts(layout: str) -> None:
     blocks = make_blocks(QType.Q4_1, OUT, IN)
-    qw = from_gguf_blocks(QType.Q4_1, blocks, (OUT, IN), "cpu")
+    qw = from_gguf_blocks(QType.Q4_1, blocks, (OUT, IN), "cpu", layout)
     x = torch.randn(5, IN)
     expected = qw.matmul(x)
-    qw.to(torch.float32)  # e.g. model.to(dtype): must not turn the kernel's bf16 scales to fp32
+    qw.to(torch.float32)  # e.g. model.to(dtype): must not cast the kernel's scales
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         y = qw.matmul(x.to(dtype))
         assert y.dtype == dtype
@@ -165,9 +187,43 @@ def test_matmul_keeps_activation_dtype_and_survives_module_casts() -> None:
 @pytest.mark.parametrize(
     ("qtype", "bytes_per_weight"), [(QType.Q4_1, 0.625), (QType.Q8_0, 1.25), (QType.Q5_K, 1.25)]
 )
-def test_weights_stay_compact(qtype: QType, bytes_per_weight: float) -> None:
-    qw = from_gguf_blocks(qtype, make_blocks(qtype, 64, IN), (64, IN), "cpu")
+def test_weights_stay_compact(qtype: QType, bytes_per_weight: float, layout: str) -> None:
+    qw = from_gguf_blocks(qtype, make_blocks(qtype, 64, IN), (64, IN), "cpu", layout)
     assert qw.nbytes() == 64 * IN * bytes_per_weight
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size"), [(16, 64, 32), (48, 128, 64), (112, 256, 256)]
+)
+def test_tiled_kernel_for_any_number_of_rows(
+    out_features: int, in_features: int, group_size: int
+) -> None:
+    """Row blocks of 1-4 and tile pairs with an odd tile left over all compute x W^T, fp32
+    activations to fp32 accuracy and bf16 ones exactly (up to the output's rounding)."""
+    if not int4_cpu.available():
+        pytest.skip("sluice's int4 kernel does not run on this machine")
+    weight = torch.from_numpy(random_weight((out_features, in_features), seed=5))
+    qw = quantize(weight, "int4", group_size, "tiled")
+    deq = qw.dequantize()
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        assert_product_of_seen_weights(qw, x, qw.matmul(x), deq)
+        y = qw.matmul(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert_product_of_seen_weights(qw, x.bfloat16(), y.float(), deq)
+        # A row's result does not depend on the rows beside it.
+        assert torch.equal(qw.matmul(x[-1:]), qw.matmul(x)[-1:])
+
+
+def test_tiled_kernel_in_a_compiled_graph() -> None:
+    """The operator has a shape function, so torch.compile traces it into a full graph."""
+    if not int4_cpu.available():
+        pytest.skip("sluice's int4 kernel does not run on this machine")
+    qw = quantize(torch.from_numpy(random_weight((OUT, IN), seed=6)), "int4", layout="tiled")
+    compiled = torch.compile(lambda x: torch.relu(qw.matmul(x)), fullgraph=True, dynamic=True)
+    for rows in (3, 7):
+        x = torch.randn(rows, IN)
+        assert torch.equal(compiled(x), torch.relu(qw.matmul(x)))
 
 
 # --- the packaged model ----------------------------------------------------------------------
@@ -217,9 +273,11 @@ def test_real_q8_0_embedding_as_lm_head(gguf_tensors: dict[str, gguf.ReaderTenso
     ("mode", "group_size", "max_relative_rms"),
     [("int4", 32, 0.09), ("int4", 128, 0.13), ("int8", 32, 0.006), ("int8", 64, 0.007)],
 )
-def test_quantize_round_trip(mode: str, group_size: int, max_relative_rms: float) -> None:
+def test_quantize_round_trip(
+    mode: str, group_size: int, max_relative_rms: float, layout: str
+) -> None:
     weight = torch.from_numpy(random_weight((OUT, IN), seed=3)) * 0.02
-    qw = quantize(weight, mode, group_size)
+    qw = quantize(weight, mode, group_size, layout)
     deq = qw.dequantize()
     assert (deq - weight).norm() / weight.norm() < max_relative_rms
     # Per group, no weight is off by more than half a step (plus the bf16 rounding of the zero).
