@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.layers.quant import QuantizedWeight, from_gguf_blocks, quantize
-from sluice.loaders.weights import GGUFQuantTensor, WeightSource, to_dense
+from sluice.layers.quant import (
+    QUANTIZE_SLICE_ROWS,
+    QType,
+    QuantizedWeight,
+    from_gguf_blocks,
+    quantize,
+    quantize_row_slices,
+)
+from sluice.loaders.weights import GGUFQuantTensor, WeightSource, row_slices, to_dense
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +26,7 @@ logger = logging.getLogger(__name__)
 Quantization = Literal["auto", "none", "int8", "int4"]
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 
+_FOUR_BIT_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q4_K)
 _dequantized_types: set[str] = set()  # log each fallback type once, not once per layer
 
 
@@ -44,6 +52,19 @@ class Linear(nn.Module):
             self.qweight, self.weight = qweight, None
             return
         self.weight = nn.Parameter(to_dense(source).to(device, dtype), requires_grad=False)
+
+    def load_int4_copy(self, source: WeightSource) -> None:
+        """Keep only a 4-bit copy of `source` (for the output head, which ranks the vocabulary
+        with it): 4-bit GGUF blocks as they are, anything else quantized a slice of rows at a
+        time. No copy where there is no quantized kernel (off the CPU)."""
+        self._check_shape(tuple(source.shape))
+        if self.weight is not None and self.weight.device.type != "cpu":
+            return
+        if isinstance(source, GGUFQuantTensor) and source.qtype in _FOUR_BIT_TYPES:
+            self.qweight = from_gguf_blocks(source.qtype, source.blocks, source.shape, "cpu")
+        else:
+            self.qweight = quantize_row_slices(row_slices(source, QUANTIZE_SLICE_ROWS), "int4")
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:

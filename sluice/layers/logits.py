@@ -1,11 +1,12 @@
-"""Output logits from a quantized head, with each row's likeliest tokens rescored in full precision.
+"""Output logits from a 4-bit copy of the head, with each row's likeliest tokens rescored exactly.
 
-The quantized kernels return bf16, and bf16 logits turn near-ties into ties: with a quantized
-head, greedy answers agreed with the fp32 path on 2 of 5 prompts instead of 4. The dense fp32
-head costs four times as much (a 49152x576 fp32 matrix per decode step for the default model).
-So the quantized head ranks the vocabulary and the top `SHORTLIST` tokens of each row get their
-exact logits from the head's full-precision rows (dense, or Q8_0 dequantized exactly): greedy,
-top-k and top-p decide on exact values.
+The head is the largest matrix of a small model (49152x576 for the default one): dense fp32 it
+reads 113 MB per decode step, as Q8_0 35 MB, as a 4-bit copy 18 MB. So the 4-bit copy ranks the
+vocabulary and the top `SHORTLIST` tokens of each row get their exact logits from the head's
+full-precision rows (dense, or Q8_0 dequantized exactly): greedy, top-k and top-p decide on exact
+values. The rest keep their 4-bit logits, whose errors bias the softmax's normaliser; on
+tests/data/gettysburg.txt perplexity moved by 1.05% from fp32 with 64 tokens rescored, 0.39% with
+256 and 0.01% with 1024.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from sluice.layers.embedding import Embedding
 from sluice.layers.linear import Linear
 
-SHORTLIST = 64
+SHORTLIST = 256
 
 
 def shortlisted_logits(

@@ -25,7 +25,7 @@ caller dequantizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import gguf
@@ -443,6 +443,29 @@ def quantize(
     """
     if weight.device.type != "cpu":
         raise NotImplementedError("quantized weights run on the CPU only; keep this one dense")
+    return quantize_row_slices(weight.split(QUANTIZE_SLICE_ROWS), mode, group_size, layout)
+
+
+# Rows per slice for `quantize_row_slices`.
+QUANTIZE_SLICE_ROWS = _PACK_CHUNK_ROWS
+
+
+def quantize_row_slices(
+    slices: Iterable[Tensor],
+    mode: Literal["int8", "int4"],
+    group_size: int = 32,
+    layout: Layout | None = None,
+) -> QuantizedWeight:
+    """`quantize` of the rows of `slices` stacked, holding one slice's temporaries at a time;
+    every slice but the last has `QUANTIZE_SLICE_ROWS` rows."""
+    return _PlanarInt4Weight.stack_rows(
+        [_quantize_slice(rows, mode, group_size, layout) for rows in slices]
+    )
+
+
+def _quantize_slice(
+    weight: Tensor, mode: Literal["int8", "int4"], group_size: int, layout: Layout | None
+) -> _PlanarInt4Weight:
     out_features, in_features = weight.shape
     if group_size not in SUPPORTED_GROUP_SIZES or in_features % group_size:
         raise ValueError(

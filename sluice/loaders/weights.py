@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,16 @@ WeightSource = torch.Tensor | GGUFQuantTensor
 
 def to_dense(source: WeightSource) -> torch.Tensor:
     return source.dequantize() if isinstance(source, GGUFQuantTensor) else source
+
+
+def row_slices(source: WeightSource, rows: int) -> Iterator[torch.Tensor]:
+    """The matrix as float32 slices of `rows` rows, GGUF blocks dequantized a slice at a time."""
+    for start in range(0, source.shape[0], rows):
+        if isinstance(source, GGUFQuantTensor):
+            blocks = source.blocks[start : start + rows]
+            yield GGUFQuantTensor(source.qtype, blocks, (len(blocks), source.shape[1])).dequantize()
+        else:
+            yield source[start : start + rows].float()
 
 
 def concat_rows(sources: list[WeightSource]) -> WeightSource:

@@ -22,7 +22,7 @@ from sluice.layers.linear import Linear, Quantization
 from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
 from sluice.layers.state import StateMetadata
-from sluice.loaders.weights import WeightSource, concat_rows, to_dense
+from sluice.loaders.weights import GGUFQuantTensor, WeightSource, concat_rows, to_dense
 
 # Checkpoint projections that we run as one fused matmul: fused name -> its parts, in order.
 FUSED_PROJECTIONS = {
@@ -42,7 +42,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # The head's exact rows, one per token (tied models: embed_tokens itself).
         self.lm_head = Embedding(config.vocab_size, config.hidden_size)
-        # A quantized copy that ranks the vocabulary; None when the head runs dense alone.
+        # A 4-bit copy that ranks the vocabulary; None when the head runs dense alone.
         self.quantized_head: Linear | None = Linear(config.hidden_size, config.vocab_size)
 
     def attention_layers(self) -> list[PagedAttention]:
@@ -91,7 +91,7 @@ class CausalLM(nn.Module):
         tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
         embed = _take(weights, self._checkpoint_name("embed_tokens") + ".weight")
         head = embed if tied else _take(weights, "lm_head.weight")
-        self._load_quantized_head(head, dtype, quantization)
+        self._load_quantized_head(head, quantization)
         ranked = self.quantized_head is not None
         if tied:
             self.lm_head = self.embed_tokens
@@ -100,12 +100,13 @@ class CausalLM(nn.Module):
         keep_embed_q8_0 = quantization != "none" and (ranked or not tied)
         self.embed_tokens.load(embed, dtype, keep_q8_0=keep_embed_q8_0)
 
-    def _load_quantized_head(
-        self, head: WeightSource, dtype: torch.dtype, quantization: Quantization
-    ) -> None:
-        if quantization != "none":
-            self.quantized_head.load(head, dtype, quantization)
-        if quantization == "none" or self.quantized_head.qweight is None:
+    def _load_quantized_head(self, head: WeightSource, quantization: Quantization) -> None:
+        """A 4-bit copy where the model runs quantized weights (a quantized GGUF head, or
+        `int8`/`int4` on load): the shortlist's exact rescoring makes its own error harmless."""
+        quantized = isinstance(head, GGUFQuantTensor) or quantization in ("int8", "int4")
+        if quantization != "none" and quantized:
+            self.quantized_head.load_int4_copy(head)
+        if self.quantized_head.qweight is None:
             self.quantized_head = None
 
 

@@ -35,7 +35,10 @@ def test_gguf_linears_stay_quantized(quantized_model):
     model = quantized_model.model
     qkv = model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv.qweight, QuantizedWeight) and qkv.weight is None
-    assert isinstance(model.quantized_head.qweight, QuantizedWeight)  # the tied Q8_0 embedding
+    # A 4-bit copy of the tied Q8_0 embedding ranks the vocabulary.
+    head = model.quantized_head.qweight
+    assert isinstance(head, QuantizedWeight) and head.planes == 1
+    assert head.nbytes() == model.config.vocab_size * model.config.hidden_size * 0.625
     # The exact head is the embedding itself, kept in its Q8_0 blocks.
     assert model.lm_head is model.embed_tokens and model.embed_tokens.weight is None
 
