@@ -25,6 +25,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -74,29 +75,30 @@ __m512i centred_codes() {
   return _mm512_load_si512(table.data());
 }
 
-// MR rows of x against the TN tiles from `tile0` (a pair, or an odd last tile). Low and high
-// nibbles accumulate apart, which keeps 2 * TN vdpbf16ps chains in flight even for one row; the
-// order of additions never depends on MR, so a row's result does not depend on its neighbours.
+// MR rows of x against TN tiles of a pair stored `stored` tiles wide, from `codes` and
+// `scale_offset` (already at the first tile). Each nibble plane and pass accumulates apart, so
+// one row keeps 4 * TN vdpbf16ps chains in flight; the order of additions never depends on MR,
+// so a row's result does not depend on its neighbours.
 template <int MR, int TN, int PASSES>
-void tile_block(const Rows& x, const Weight& w, int64_t row0, int64_t tile0, float* out,
-                int64_t out_stride) {
+void tile_block(const Rows& x, const uint8_t* codes, const at::Half* scale_offset, int stored,
+                int64_t group, int64_t row0, float* out, int64_t out_stride) {
+  constexpr int PARTS = 2 * PASSES;
   const __m512i low_nibble = _mm512_set1_epi16(0x000F);
   const __m512i centred = centred_codes();
   const __m512 eight = _mm512_set1_ps(8.0f);
-  const int64_t chunks_per_group = w.group / kChunkInputs;
-  const uint8_t* codes = w.codes + tile0 * w.tile_code_bytes;
-  const at::Half* scale_offset = w.scale_offset + tile0 * w.tile_scale_halves;
+  const int64_t chunks_per_group = group / kChunkInputs;
   __m512 acc[MR][TN];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < TN; ++t) acc[m][t] = _mm512_setzero_ps();
 
   for (int64_t g = 0; g < x.groups; ++g) {
-    __m512 inner[MR][TN][2];
+    __m512 inner[MR][TN][PARTS];
     for (int m = 0; m < MR; ++m)
-      for (int t = 0; t < TN; ++t) inner[m][t][0] = inner[m][t][1] = _mm512_setzero_ps();
+      for (int t = 0; t < TN; ++t)
+        for (int q = 0; q < PARTS; ++q) inner[m][t][q] = _mm512_setzero_ps();
     for (int64_t j = g * chunks_per_group; j < (g + 1) * chunks_per_group; ++j) {
       for (int t = 0; t < TN; ++t) {
-        const uint8_t* chunk = codes + (j * TN + t) * kChunkBytes;
+        const uint8_t* chunk = codes + (j * stored + t) * kChunkBytes;
         __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)chunk));
         __m512i low_codes = _mm512_and_si512(bytes, low_nibble);
         __m512bh low = (__m512bh)_mm512_permutexvar_epi16(low_codes, centred);
@@ -107,19 +109,20 @@ void tile_block(const Rows& x, const Weight& w, int64_t row0, int64_t tile0, flo
                 x.pairs + p * x.pass_stride + (row0 + m) * x.pair_stride + 2 * j;
             __m512bh x_low = (__m512bh)_mm512_set1_epi32((int)pair[0]);
             __m512bh x_high = (__m512bh)_mm512_set1_epi32((int)pair[1]);
-            inner[m][t][0] = _mm512_dpbf16_ps(inner[m][t][0], low, x_low);
-            inner[m][t][1] = _mm512_dpbf16_ps(inner[m][t][1], high, x_high);
+            inner[m][t][p] = _mm512_dpbf16_ps(inner[m][t][p], low, x_low);
+            inner[m][t][PASSES + p] = _mm512_dpbf16_ps(inner[m][t][PASSES + p], high, x_high);
           }
         }
       }
     }
     for (int t = 0; t < TN; ++t) {
-      const at::Half* so = scale_offset + (g * TN + t) * 2 * kTileRows;
+      const at::Half* so = scale_offset + (g * stored + t) * 2 * kTileRows;
       __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)so));
       __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(so + kTileRows)));
       offset = _mm512_fmadd_ps(scale, eight, offset);
       for (int m = 0; m < MR; ++m) {
-        __m512 sum = _mm512_add_ps(inner[m][t][0], inner[m][t][1]);
+        __m512 sum = inner[m][t][0];
+        for (int q = 1; q < PARTS; ++q) sum = _mm512_add_ps(sum, inner[m][t][q]);
         acc[m][t] = _mm512_fmadd_ps(scale, sum, acc[m][t]);
         __m512 xsum = _mm512_set1_ps(x.sums[(row0 + m) * x.groups + g]);
         acc[m][t] = _mm512_fmadd_ps(offset, xsum, acc[m][t]);
@@ -128,20 +131,37 @@ void tile_block(const Rows& x, const Weight& w, int64_t row0, int64_t tile0, flo
   }
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < TN; ++t)
-      _mm512_storeu_ps(out + (row0 + m) * out_stride + (tile0 + t) * kTileRows, acc[m][t]);
+      _mm512_storeu_ps(out + (row0 + m) * out_stride + t * kTileRows, acc[m][t]);
 }
 
-// All rows against the TN tiles from `tile0`, four rows at a time.
-template <int TN, int PASSES>
-void all_rows(const Rows& x, const Weight& w, int64_t rows, int64_t tile0, float* out,
+// All rows against the `stored` tiles of a pair (or an odd last tile) from `tile0`: up to two
+// rows at a time over both tiles, more rows one tile at a time, so that the partial sums stay
+// within the 32 vector registers.
+template <int PASSES>
+void all_rows(const Rows& x, const Weight& w, int64_t rows, int64_t tile0, int stored, float* out,
               int64_t out_stride) {
+  const uint8_t* codes = w.codes + tile0 * w.tile_code_bytes;
+  const at::Half* so = w.scale_offset + tile0 * w.tile_scale_halves;
+  out += tile0 * kTileRows;
+  auto one_tile = [&](auto mr, int64_t m) {
+    for (int t = 0; t < stored; ++t)
+      tile_block<decltype(mr)::value, 1, PASSES>(x, codes + t * kChunkBytes,
+                                                  so + t * 2 * kTileRows, stored, w.group, m,
+                                                  out + t * kTileRows, out_stride);
+  };
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) tile_block<4, TN, PASSES>(x, w, m, tile0, out, out_stride);
-  switch (rows - m) {
-    case 3: tile_block<3, TN, PASSES>(x, w, m, tile0, out, out_stride); break;
-    case 2: tile_block<2, TN, PASSES>(x, w, m, tile0, out, out_stride); break;
-    case 1: tile_block<1, TN, PASSES>(x, w, m, tile0, out, out_stride); break;
-    default: break;
+  for (; m + 4 <= rows; m += 4) one_tile(std::integral_constant<int, 4>{}, m);
+  if (rows - m == 3) {
+    one_tile(std::integral_constant<int, 3>{}, m);
+  } else if (stored == kPairTiles && rows - m > 0) {
+    if (rows - m == 2)
+      tile_block<2, kPairTiles, PASSES>(x, codes, so, stored, w.group, m, out, out_stride);
+    else
+      tile_block<1, kPairTiles, PASSES>(x, codes, so, stored, w.group, m, out, out_stride);
+  } else if (rows - m == 2) {
+    one_tile(std::integral_constant<int, 2>{}, m);
+  } else if (rows - m == 1) {
+    one_tile(std::integral_constant<int, 1>{}, m);
   }
 }
 
@@ -153,10 +173,8 @@ void all_tiles(const Rows& x, const Weight& w, int64_t rows, int64_t tiles, floa
   at::parallel_for(0, pairs, 2, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t tile0 = pair * kPairTiles;
-      if (tiles - tile0 >= kPairTiles)
-        all_rows<kPairTiles, PASSES>(x, w, rows, tile0, out, out_stride);
-      else
-        all_rows<1, PASSES>(x, w, rows, tile0, out, out_stride);
+      const int stored = tiles - tile0 >= kPairTiles ? kPairTiles : 1;
+      all_rows<PASSES>(x, w, rows, tile0, stored, out, out_stride);
     }
   });
 }
