@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #5 (CPU speed), sluice and llama.cpp side by side in one run: single-stream prefill and
-# decode (interleaved rounds, since this machine drifts), then 32 concurrent requests against
+# decode (three interleaved rounds, since this machine drifts), then 32 concurrent requests against
 # 32 slots with each server's peak resident memory. JSON lines go to $OUT (default bench_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ latency() {  # input length, extra engine flags...
   local len=$1; shift
   $S bench latency --input-len "$len" --output-len 128 --iters 3 --threads 2 "$@" --output-file "$OUT/latency.jsonl"
 }
-for round in 1 2; do
+for round in 1 2 3; do
   latency 8; latency 512  # decode from a near-empty context (as llama-bench -n 128) and after 512
   "$bin/llama-bench" -m "$GGUF" -t 2 -p 512 -n 0 -o jsonl >> "$OUT/llama_bench.jsonl"
   "$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -o jsonl >> "$OUT/llama_bench.jsonl"
@@ -22,7 +22,7 @@ for len in 8 512; do latency $len --no-compile; done  # the eager engine, for th
 peak_rss_mib() { awk '/VmHWM/ {print $2 / 1024}' "/proc/$1/status"; }
 CONCURRENT=(--dataset-name random --num-prompts 64 --random-input-len 128 --random-output-len 128
             --max-concurrency 32 --request-rate inf --ignore-eos --seed 0)
-for flags in "--compile" "--compile --kv-cache-dtype float32" "--no-compile"; do
+for flags in "--compile" "--compile --dtype bfloat16" "--compile --kv-cache-dtype float32" "--no-compile"; do
   label=$(echo "$flags" | tr -d ' -')
   $S serve --port 8074 --max-num-seqs 32 --kv-cache-memory-gb 0.5 --threads 2 $flags & pid=$!
   wait_health http://127.0.0.1:8074 && $S bench serve --base-url http://127.0.0.1:8074 "${CONCURRENT[@]}" --output-file "$OUT/concurrent_sluice_$label.jsonl"
