@@ -20,6 +20,7 @@ TILE_ROWS = 16
 
 @functools.cache
 def available() -> bool:
+    """Whether sluice's int4 kernel runs here; builds it on the first call (once per machine)."""
     if os.environ.get("SLUICE_NATIVE_KERNELS", "1") == "0":
         logger.info("SLUICE_NATIVE_KERNELS=0: int4 weights use torch's int4pack kernel")
         return False
