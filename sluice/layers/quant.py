@@ -18,9 +18,10 @@ Two kernels, two layouts:
   (AVX2, ARM). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
   to bf16, an error of the size of the bf16 rounding of activations and outputs.
 
-Both multiply bf16-rounded activations. Q6_K (one scale per 16 weights, below the smallest group
-of 32) and other types have no exact mapping; `from_gguf_blocks` returns None for them and the
-caller dequantizes.
+sluice's kernel multiplies fp32 activations as two bf16 halves (to ~1e-5 of an fp32 matmul) and
+bf16 ones as they are; int4pack rounds activations and outputs to bf16. Q6_K (one scale per 16
+weights, below the smallest group of 32) and other types have no exact mapping;
+`from_gguf_blocks` returns None for them and the caller dequantizes.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class _PlanarInt4Weight(QuantizedWeight):
         raise NotImplementedError
 
     def _storage(self) -> list[Tensor]:
+        """The tensors the weight keeps."""
         raise NotImplementedError
 
     def _multiply(self, rows: Tensor) -> Tensor:
