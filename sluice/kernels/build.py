@@ -17,9 +17,11 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLUICE_CACHE_DIR", default)) / "kernels"
 
 
+def load_operators(
+    name: str, cpu_supported: bool, fallback: str, shapes: dict[str, Callable[..., Tensor]]
+) -> bool:
+    """Load `<name>.cpp` where the CPU has the instructions it needs, and register the shape
+    function of each of its operators (by name) for torch.compile; False, with `fallback` (what
+    runs instead) logged, where it does not run."""
+    if not cpu_supported:
+        logger.info("this CPU lacks the instructions of sluice's %s kernels: %s", name, fallback)
+        return False
+    if not load(name):
+        return False
+    for operator, shape in shapes.items():
+        torch.library.register_fake(f"sluice::{operator}")(shape)
+    return True
+
+
 @functools.cache
 def load(name: str) -> bool:
-    """Build (if not cached) and load `<name>.cpp`; False, with the reason logged, on failure."""
+    """Build (if not cached) and load `<name>.cpp`; False, with the reason logged, on failure or
+    where SLUICE_NATIVE_KERNELS=0 turns sluice's kernels off."""
+    if os.environ.get("SLUICE_NATIVE_KERNELS", "1") == "0":
+        logger.info("SLUICE_NATIVE_KERNELS=0: torch's kernels run instead of sluice's %s", name)
+        return False
     source = _SOURCES / f"{name}.cpp"
     command = _compile_command(source, Path("OUT"))
     parts = [source.read_bytes(), " ".join(command).encode(), torch.__version__.encode()]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.kernels import attention_cpu
+
 
 @dataclass
 class AttentionGroup:
@@ -225,6 +227,8 @@ class PagedAttention(nn.Module):
         # The same pools as [num_pages * page_size, kv_heads, dim]: one flat slot per token.
         self._k_slots: torch.Tensor | None = None
         self._v_slots: torch.Tensor | None = None
+        # Decodes over pools on a CPU with AVX-512 take sluice's kernel (kernels/attention_cpu.cpp).
+        self._native_decode = False
         self.key = next(_layer_keys)
         _layers[self.key] = self
 
@@ -246,6 +250,7 @@ class PagedAttention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
         self._k_slots = k_cache.flatten(0, 1)
         self._v_slots = v_cache.flatten(0, 1)
+        self._native_decode = k_cache.device.type == "cpu" and attention_cpu.available()
         for cache in (k_cache, v_cache):  # the paged kernel serves pools of every size
             torch._dynamo.mark_dynamic(cache, 0)
 
@@ -267,15 +272,15 @@ class PagedAttention(nn.Module):
         tensor per pool to update it in place)."""
         for cache, new in ((self.k_cache, k), (self.v_cache, v)):
             cache.view(-1, *cache.shape[2:])[meta.slot_mapping] = new.to(cache.dtype)
-        out = paged_decode_attention(
-            q, self.k_cache, self.v_cache, meta.page_tables, meta.kv_lens, self.scale
-        )
+        kernel = attention_cpu.paged_decode if self._native_decode else paged_decode_attention
+        out = kernel(q, self.k_cache, self.v_cache, meta.page_tables, meta.kv_lens, self.scale)
         return out.to(q.dtype)
 
     def _attend(self, q: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         if group.kv_lens is not None:
             torch._dynamo.decorators.mark_unbacked(q, 0)
-            out = paged_decode_kernel(
+            kernel = attention_cpu.paged_decode if self._native_decode else paged_decode_kernel
+            out = kernel(
                 q, self.k_cache, self.v_cache, group.page_tables, group.kv_lens, self.scale
             )
             return out.to(q.dtype)

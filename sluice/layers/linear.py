@@ -64,6 +64,7 @@ class Linear(nn.Module):
             self.qweight = from_gguf_blocks(source.qtype, source.blocks, source.shape, "cpu")
         else:
             self.qweight = quantize_row_slices(row_slices(source, QUANTIZE_SLICE_ROWS), "int4")
+        self.qweight.ranking_only = True
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

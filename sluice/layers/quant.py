@@ -11,17 +11,18 @@ per-group offset maps onto it:
 
 Two kernels, two layouts:
 
-- "tiled" (`Int4TiledWeight`): sluice's own AVX512-BF16 kernel (kernels/int4_cpu.cpp), where the
+- "tiled" (`Int4TiledWeight`): sluice's own AVX512-VNNI kernel (kernels/int4_cpu.cpp), where the
   CPU has it. Scales and offsets are float16, so the legacy formats (whose d and m are float16)
   are exact; K-quant scales d * sc are rounded to float16.
 - "int4pack" (`Int4PackedWeight`): PyTorch's `aten._weight_int4pack_mm_for_cpu` everywhere else
   (AVX2, ARM). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
   to bf16, an error of the size of the bf16 rounding of activations and outputs.
 
-sluice's kernel multiplies fp32 activations as two bf16 halves (to ~1e-5 of an fp32 matmul) and
-bf16 ones as they are; int4pack rounds activations and outputs to bf16. Q6_K (one scale per 16
-weights, below the smallest group of 32) and other types have no exact mapping;
-`from_gguf_blocks` returns None for them and the caller dequantizes.
+sluice's kernel quantizes activations to int8 per group, in two passes for fp32 (to ~1e-5 of an
+fp32 matmul) and in one for bf16 activations and ranking-only weights; int4pack rounds
+activations and outputs to bf16. Q6_K (one scale per 16 weights, below the smallest group of 32)
+and other types have no exact mapping; `from_gguf_blocks` returns None for them and the caller
+dequantizes.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class _PlanarInt4Weight(QuantizedWeight):
         self.in_features = in_features
         self.planes = codes.shape[1] // in_features
         self.group_size = group_size
+        # Whether the product only ranks (the head's 4-bit copy): sluice's kernel may then take
+        # activations to int8 in one pass, whose error is far below the 4-bit weights'.
+        self.ranking_only = False
         rows = -(-self.out_features // _ROW_MULTIPLE) * _ROW_MULTIPLE
         pad = rows - self.out_features
         # Padding rows get zero scales and offsets: weight 0, sliced off the output.
@@ -162,25 +166,26 @@ class _PlanarInt4Weight(QuantizedWeight):
 
 
 class Int4TiledWeight(_PlanarInt4Weight):
-    """The layout of sluice's AVX512-BF16 kernel (see kernels/int4_cpu.cpp): codes [tiles, in / 4,
-    32] and float16 (scale, offset) [tiles, groups, 2, 16], both stored two tiles at a time."""
+    """The layout of sluice's AVX512-VNNI kernel (see kernels/int4_cpu.cpp): codes [tiles, in / 8,
+    64] and float16 (scale, offset) [tiles, groups, 2, 16], both stored two tiles at a time."""
 
     def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
         tiles, inputs = codes.shape[0] // int4_cpu.TILE_ROWS, codes.shape[1]
-        # [tile, row, chunk, high, parity] -> [tile, chunk, row, parity, high]
-        codes = codes.view(tiles, int4_cpu.TILE_ROWS, inputs // 4, 2, 2).permute(0, 2, 1, 4, 3)
-        chunks = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
-        self.codes = _pairs_interleaved(chunks.reshape(tiles, inputs // 4, 32))
+        chunks, run = inputs // int4_cpu.CHUNK_INPUTS, int4_cpu.CHUNK_INPUTS // 2
+        # [tile, row, chunk, high, i] -> [tile, chunk, row, i, high]
+        codes = codes.view(tiles, int4_cpu.TILE_ROWS, chunks, 2, run).permute(0, 2, 1, 4, 3)
+        packed = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+        self.codes = _pairs_interleaved(packed.reshape(tiles, chunks, -1))
         scale_offset = torch.stack([scales, offsets], dim=-1).to(torch.float16)
         scale_offset = scale_offset.view(tiles, int4_cpu.TILE_ROWS, -1, 2).permute(0, 2, 3, 1)
         self.scale_offset = _pairs_interleaved(scale_offset)
 
     def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
-        chunks = _pairs_deinterleaved(self.codes)
-        tiles, quads = chunks.shape[:2]
-        chunks = chunks.view(tiles, quads, int4_cpu.TILE_ROWS, 2)
-        nibbles = torch.stack([chunks & 15, chunks >> 4], dim=-1)  # [.., parity, high]
-        codes = nibbles.permute(0, 2, 1, 4, 3).reshape(tiles * int4_cpu.TILE_ROWS, quads * 4)
+        packed = _pairs_deinterleaved(self.codes)
+        tiles, chunks = packed.shape[:2]
+        packed = packed.view(tiles, chunks, int4_cpu.TILE_ROWS, -1)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1)  # [.., i, high]
+        codes = nibbles.permute(0, 2, 1, 4, 3).reshape(tiles * int4_cpu.TILE_ROWS, -1)
         scale_offset = _pairs_deinterleaved(self.scale_offset).permute(0, 3, 1, 2).float()
         scale_offset = scale_offset.reshape(tiles * int4_cpu.TILE_ROWS, -1, 2)
         return codes.float(), scale_offset[..., 0], scale_offset[..., 1]
@@ -191,7 +196,8 @@ class Int4TiledWeight(_PlanarInt4Weight):
     def _multiply(self, rows: Tensor) -> Tensor:
         if rows.dtype not in (torch.float32, torch.bfloat16):
             rows = rows.float()
-        return int4_cpu.linear(rows, self.codes, self.scale_offset, self.group_size)
+        passes = 2 if rows.dtype == torch.float32 and not self.ranking_only else 1
+        return int4_cpu.linear(rows, self.codes, self.scale_offset, self.group_size, passes)
 
     def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
         self.codes = torch.cat([p.codes for p in parts])

@@ -55,16 +55,34 @@ def test_batch_chunking_and_preemption_change_nothing(make_llm):
 
 def test_float16_kv_cache_keeps_greedy_output(make_llm):
     """Pages of half the bytes for the fp32 model (the CPU's default): greedy continuations of 8
-    chat prompts, batched (48 tokens each), equal those over an fp32 cache, through the compiled
-    graphs (the decode graph widens keys and values as it reads them) and eagerly."""
+    chat prompts, batched (48 tokens each), follow those over an fp32 cache, through the compiled
+    graphs (the decode graph widens keys and values as it reads them) and eagerly. A continuation
+    may part only where the fp32 run's two best tokens were within 0.01 of each other in
+    log-probability, and to the second of them: "List three prime numbers." parts after 10
+    tokens ("\n" at -1.0340 against "3" at -1.0368), one of the 16 continuations."""
     reference = make_llm(kv_cache_dtype="float32", compile=False)
     assert reference.engine.runner.model.attention_layers()[0].k_cache.dtype == torch.float32
     prompts = [reference.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    expected = token_ids(reference.generate(prompts, greedy(48)))
+    params = SamplingParams(max_tokens=48, ignore_eos=True, logprobs=2)
+    expected = [r.outputs[0] for r in reference.generate(prompts, params)]
+    parted = 0
     for compile in (True, False):
         half = make_llm(compile=compile)
         assert half.engine.runner.model.attention_layers()[0].k_cache.dtype == torch.float16
-        assert token_ids(half.generate(prompts, greedy(48))) == expected
+        for want, got in zip(expected, token_ids(half.generate(prompts, params))):
+            parted += assert_parts_only_at_a_near_tie(want, got)
+    assert parted <= 2
+
+
+def assert_parts_only_at_a_near_tie(want, got: list[int]) -> bool:
+    """Whether `got` parts from `want` (an output with logprobs=2), which it may do only where
+    `want`'s runner-up was within 0.01 of its choice and `got` took that runner-up."""
+    for i, (a, b) in enumerate(zip(want.token_ids, got)):
+        if a != b:
+            (first, first_lp), (second, second_lp) = want.logprobs[i].top[:2]
+            assert (first, second) == (a, b) and first_lp - second_lp < 0.01, (i, want.logprobs[i])
+            return True
+    return False
 
 
 def test_seeded_sampling_ignores_the_rest_of_the_batch(make_llm):

@@ -53,8 +53,10 @@ def test_bad_operands_are_named() -> None:
     weight = quantize(torch.randn(32, 64), "int4", layout="tiled")
     assert isinstance(weight, Int4TiledWeight)
     with pytest.raises(RuntimeError, match="96 inputs do not fit"):
-        int4_cpu.linear(torch.randn(2, 96), weight.codes, weight.scale_offset, 32)
+        int4_cpu.linear(torch.randn(2, 96), weight.codes, weight.scale_offset, 32, 2)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        int4_cpu.linear(torch.randn(2, 64).half(), weight.codes, weight.scale_offset, 32)
+        int4_cpu.linear(torch.randn(2, 64).half(), weight.codes, weight.scale_offset, 32, 2)
+    with pytest.raises(RuntimeError, match="passes must be 1 or 2, got 3"):
+        int4_cpu.linear(torch.randn(2, 64), weight.codes, weight.scale_offset, 32, 3)
     with pytest.raises(ValueError, match="layout 'packed'"):
         quantize(torch.randn(32, 64), "int4", layout="packed")  # type: ignore[arg-type]

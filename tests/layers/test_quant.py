@@ -34,7 +34,7 @@ LAYOUT_CLASSES = {"tiled": Int4TiledWeight, "int4pack": Int4PackedWeight}
 
 @pytest.fixture(params=list(LAYOUT_CLASSES))
 def layout(request: pytest.FixtureRequest) -> str:
-    """Each test runs on both kernels; sluice's needs AVX512-BF16 (and a C++ compiler)."""
+    """Each test runs on both kernels; sluice's needs AVX512-VNNI (and a C++ compiler)."""
     if request.param == "tiled" and not int4_cpu.available():
         pytest.skip("sluice's int4 kernel does not run on this machine")
     return request.param
@@ -87,11 +87,18 @@ def assert_matmul_matches(qw: QuantizedWeight, deq: torch.Tensor, ref: torch.Ten
 def assert_product_of_seen_weights(
     qw: QuantizedWeight, x: torch.Tensor, y: torch.Tensor, deq: torch.Tensor
 ) -> None:
-    """Against the weights the kernel sees: sluice's kernel multiplies fp32 activations to fp32
-    accuracy and bf16 ones exactly; int4pack rounds activations and outputs to bf16."""
+    """Against the weights the kernel sees. sluice's kernel quantizes activations per group to
+    int8 in two passes for fp32 (an error of at most 1/256 of the group's step, max |x| / 127)
+    and in one for bf16 and for a weight that only ranks (half a step), then sums exactly;
+    int4pack rounds activations and outputs to bf16."""
     tiled = isinstance(qw, Int4TiledWeight)
     seen = (x if tiled else x.bfloat16()).double() @ deq.double().T
     slack = 1e-5 * (x.abs().double() @ deq.abs().double().T)
+    if tiled:
+        two_passes = x.dtype == torch.float32 and not qw.ranking_only
+        step = x.abs().unflatten(-1, (-1, qw.group_size)).amax(-1, keepdim=True) / 127
+        error = (step / (256 if two_passes else 2)).expand(*x.shape[:-1], -1, qw.group_size)
+        slack += error.flatten(-2).double() @ deq.abs().double().T
     rounding = 0 if tiled and x.dtype == torch.float32 else BF16_EPS
     assert ((y.double() - seen).abs() <= rounding * seen.abs() + slack).all()
 
@@ -198,8 +205,8 @@ def test_weights_stay_compact(qtype: QType, bytes_per_weight: float, layout: str
 def test_tiled_kernel_for_any_number_of_rows(
     out_features: int, in_features: int, group_size: int
 ) -> None:
-    """Row blocks of 1-4 and tile pairs with an odd tile left over all compute x W^T, fp32
-    activations to fp32 accuracy and bf16 ones exactly (up to the output's rounding)."""
+    """Row blocks of 1-4 and tile pairs with an odd tile left over all compute x W^T to the
+    accuracy of their activations' passes, a ranking-only weight in one pass."""
     if not int4_cpu.available():
         pytest.skip("sluice's int4 kernel does not run on this machine")
     weight = torch.from_numpy(random_weight((out_features, in_features), seed=5))
@@ -213,6 +220,11 @@ def test_tiled_kernel_for_any_number_of_rows(
         assert_product_of_seen_weights(qw, x.bfloat16(), y.float(), deq)
         # A row's result does not depend on the rows beside it.
         assert torch.equal(qw.matmul(x[-1:]), qw.matmul(x)[-1:])
+    two_passes = qw.matmul(x)
+    qw.ranking_only = True
+    one_pass = qw.matmul(x)
+    assert_product_of_seen_weights(qw, x, one_pass, deq)
+    assert not torch.equal(one_pass, two_passes)
 
 
 def test_tiled_kernel_in_a_compiled_graph() -> None:

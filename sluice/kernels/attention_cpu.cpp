@@ -1,0 +1,199 @@
+// Decode attention over paged K/V for x86 CPUs with AVX-512: one query per sequence against its
+// context, read in place from the pages (no gathered copy), for float32, float16 and bfloat16
+// pages.
+//
+// Work is split by sequence, whose pages are read in order. Per sequence: the scores of every
+// head for every context token (dot products of 16-lane vectors), an exact softmax (max, exp,
+// sum) and the probability-weighted sum of the values. A sequence's
+// result depends on its own pages and length only, never on the batch around it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+__m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+
+__m512 load16(const at::Half* x) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)x)); }
+
+__m512 load16(const at::BFloat16* x) {
+  __m256i bits = _mm256_loadu_si256((const __m256i*)x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// e^x for x <= 0, to ~2 ulp: 2^n e^r with |r| <= ln 2 / 2 and e^r by its Taylor series to r^7.
+__m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this e^x is 0 in fp32
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Problem {
+  const float* q;            // [B, heads, dim]
+  const int64_t* tables;     // [B, pages per row]
+  const int64_t* lens;       // [B]
+  float* out;                // [B, heads, dim]
+  int64_t table_stride;
+  int64_t heads, kv_heads, dim, page_size;
+  float scale;
+};
+
+// Calls visit(t, token) for each context token t of sequence b (its K or V for every KV head),
+// page by page.
+template <typename T, typename Visit>
+void for_each_token(const Problem& p, const T* cache, int64_t b, Visit visit) {
+  const int64_t token_stride = p.kv_heads * p.dim, page_stride = p.page_size * token_stride;
+  const int64_t* table = p.tables + b * p.table_stride;
+  for (int64_t t0 = 0; t0 < p.lens[b]; t0 += p.page_size) {
+    const T* page = cache + table[t0 / p.page_size] * page_stride;
+    const int64_t count = std::min(p.page_size, p.lens[b] - t0);
+    for (int64_t i = 0; i < count; ++i) visit(t0 + i, page + i * token_stride);
+  }
+}
+
+// Softmax of one head's scores in place.
+void softmax(float* s, int64_t len) {
+  float largest = -INFINITY;
+  for (int64_t t = 0; t < len; ++t) largest = std::max(largest, s[t]);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; t += kLanes) {
+    const __mmask16 live = len - t >= kLanes ? 0xFFFF : (1u << (len - t)) - 1;
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), _mm512_set1_ps(largest)));
+    e = _mm512_maskz_mov_ps(live, e);
+    _mm512_mask_storeu_ps(s + t, live, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const float inverse = 1.0f / _mm512_reduce_add_ps(total);
+  for (int64_t t = 0; t < len; ++t) s[t] *= inverse;
+}
+
+// One sequence (VECTORS = head dim / 16): the scores of every head, read token by token in the
+// order the pages hold them (the values are prefetched meanwhile), then per head the softmax and
+// the weighted values.
+template <typename T, int VECTORS>
+void attend(const Problem& p, const T* keys, const T* values, int64_t b,
+            std::vector<float>& scores) {
+  const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
+  const int64_t token_bytes = p.kv_heads * p.dim * sizeof(T);
+  const float* q = p.q + b * p.heads * p.dim;
+  scores.resize(p.heads * len);
+  for_each_token(p, keys, b, [&](int64_t t, const T* k) {
+    const char* value = reinterpret_cast<const char*>(k - keys + values);
+    for (int64_t byte = 0; byte < token_bytes; byte += 64) _mm_prefetch(value + byte, _MM_HINT_T1);
+    for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+      __m512 key[VECTORS];
+      for (int v = 0; v < VECTORS; ++v) key[v] = load16(k + kv_head * p.dim + v * kLanes);
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q + h * p.dim), key[0]);
+        for (int v = 1; v < VECTORS; ++v)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * p.dim + v * kLanes), key[v], dot);
+        scores[h * len + t] = _mm512_reduce_add_ps(dot) * p.scale;
+      }
+    }
+  });
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const float* probs = scores.data() + h * len;
+    softmax(scores.data() + h * len, len);
+    const int64_t offset = h / group * p.dim;
+    __m512 acc[VECTORS];
+    for (int v = 0; v < VECTORS; ++v) acc[v] = _mm512_setzero_ps();
+    for_each_token(p, values, b, [&](int64_t t, const T* value) {
+      const __m512 weight = _mm512_set1_ps(probs[t]);
+      for (int v = 0; v < VECTORS; ++v)
+        acc[v] = _mm512_fmadd_ps(weight, load16(value + offset + v * kLanes), acc[v]);
+    });
+    float* out = p.out + (b * p.heads + h) * p.dim;
+    for (int v = 0; v < VECTORS; ++v) _mm512_storeu_ps(out + v * kLanes, acc[v]);
+  }
+}
+
+template <typename T, int VECTORS>
+void attend_all(const Problem& p, const T* keys, const T* values, int64_t seqs) {
+  at::parallel_for(0, seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t b = begin; b < end; ++b) attend<T, VECTORS>(p, keys, values, b, scores);
+  });
+}
+
+template <typename T>
+void attend_all(const Problem& p, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                int64_t seqs) {
+  const T* keys = reinterpret_cast<const T*>(k_cache.data_ptr());
+  const T* values = reinterpret_cast<const T*>(v_cache.data_ptr());
+  switch (p.dim / kLanes) {
+    case 1: attend_all<T, 1>(p, keys, values, seqs); break;
+    case 2: attend_all<T, 2>(p, keys, values, seqs); break;
+    case 4: attend_all<T, 4>(p, keys, values, seqs); break;
+    case 8: attend_all<T, 8>(p, keys, values, seqs); break;
+    case 16: attend_all<T, 16>(p, keys, values, seqs); break;
+  }
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& page_tables, const at::Tensor& kv_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode: q must be [B, heads, dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "paged_decode: caches must be contiguous [pages, page_size, kv_heads, dim] alike");
+  const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && (dim == 16 || dim == 32 || dim == 64 || dim == 128 ||
+                                         dim == 256),
+              "paged_decode: head dim ", dim, " must match the cache and be 16, 32, 64, 128 or 256");
+  TORCH_CHECK(heads % kv_heads == 0, "paged_decode: ", heads, " query heads do not group over ",
+              kv_heads, " KV heads");
+  TORCH_CHECK(page_tables.dim() == 2 && page_tables.size(0) == seqs &&
+                  page_tables.scalar_type() == at::kLong && kv_lens.numel() == seqs &&
+                  kv_lens.scalar_type() == at::kLong,
+              "paged_decode: page_tables [B, pages] and kv_lens [B] must be int64");
+  const at::Tensor queries = q.to(at::kFloat).contiguous();
+  const at::Tensor tables = page_tables.contiguous(), lens = kv_lens.contiguous();
+  const int64_t page_size = k_cache.size(1);
+  const int64_t* len = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < seqs; ++b)
+    TORCH_CHECK(len[b] >= 1 && len[b] <= tables.size(1) * page_size, "paged_decode: sequence ",
+                b, " has ", len[b], " tokens, its table holds ", tables.size(1) * page_size);
+  const int64_t* table = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < seqs; ++b)
+    for (int64_t i = 0; i < (len[b] + page_size - 1) / page_size; ++i) {
+      const int64_t page = table[b * tables.size(1) + i];
+      TORCH_CHECK(page >= 0 && page < k_cache.size(0), "paged_decode: sequence ", b, " names page ",
+                  page, " of ", k_cache.size(0));
+    }
+  at::Tensor out = at::empty({seqs, heads * dim}, q.options().dtype(at::kFloat));
+  const Problem p{queries.data_ptr<float>(), table, len,
+                  out.data_ptr<float>(), tables.size(1), heads, kv_heads, dim, page_size,
+                  static_cast<float>(scale)};
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: attend_all<float>(p, k_cache, v_cache, seqs); break;
+    case at::kHalf: attend_all<at::Half>(p, k_cache, v_cache, seqs); break;
+    case at::kBFloat16: attend_all<at::BFloat16>(p, k_cache, v_cache, seqs); break;
+    default: TORCH_CHECK(false, "paged_decode: pages of ", k_cache.scalar_type(), " unsupported");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sluice, m) {
+  m.def(
+      "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_tables, "
+      "Tensor kv_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sluice, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,86 @@
+"""sluice's paged decode attention kernel (kernels/attention_cpu.cpp) against SDPA over the
+gathered pages, for every page dtype, and its checks on bad operands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sluice.kernels import attention_cpu
+
+pytestmark = pytest.mark.skipif(
+    not attention_cpu.available(), reason="sluice's attention kernel does not run on this machine"
+)
+
+PAGE_SIZE = 16
+
+
+def make_case(
+    kv_lens: list[int], heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Caches of 160 pages, each sequence on its own scattered pages, tables padded with page 0."""
+    generator = torch.Generator().manual_seed(seed)
+    k_cache, v_cache = torch.randn(2, 160, PAGE_SIZE, kv_heads, dim, generator=generator).to(dtype)
+    columns = max(2, -(-max(kv_lens) // PAGE_SIZE) + 1)  # one padding column past the longest
+    pages = torch.randperm(159, generator=generator)[: len(kv_lens) * columns] + 1
+    tables = pages.view(len(kv_lens), columns)
+    q = torch.randn(len(kv_lens), heads, dim, generator=generator)
+    return q, k_cache, v_cache, tables, torch.tensor(kv_lens)
+
+
+def sdpa_over_pages(q, k_cache, v_cache, tables, kv_lens, scale) -> torch.Tensor:
+    rows = []
+    for i, kv_len in enumerate(kv_lens.tolist()):
+        keys = k_cache[tables[i]].flatten(0, 1)[:kv_len].float().transpose(0, 1)
+        values = v_cache[tables[i]].flatten(0, 1)[:kv_len].float().transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q[i].unsqueeze(1), keys, values, scale=scale, enable_gqa=True
+        )
+        rows.append(out.reshape(1, -1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
+def test_matches_sdpa_over_gathered_pages(dtype, heads, kv_heads, dim) -> None:
+    """GQA and plain heads, contexts of one token, of a page, ending mid-page, long ones."""
+    case = make_case([1, 16, 17, 200, 5, 129], heads, kv_heads, dim, dtype)
+    got = attention_cpu.paged_decode(*case, dim**-0.5)
+    assert got.shape == (6, heads * dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got, sdpa_over_pages(*case, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
+    q, k_cache, v_cache, tables, lens = make_case([33, 7, 300, 64], 9, 3, 64, torch.float16)
+    batch = attention_cpu.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    for i in range(len(lens)):
+        alone = attention_cpu.paged_decode(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], 0.125
+        )
+        assert torch.equal(alone, batch[i : i + 1])
+
+
+def test_bfloat16_queries_are_widened() -> None:
+    q, *rest = make_case([40, 9], 9, 3, 64, torch.bfloat16)
+    got = attention_cpu.paged_decode(q.bfloat16(), *rest, 0.125)
+    torch.testing.assert_close(got, sdpa_over_pages(q.bfloat16().float(), *rest, 0.125))
+
+
+def test_bad_operands_are_named() -> None:
+    q, k_cache, v_cache, tables, lens = make_case([20, 5], 9, 3, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="sequence 1 has 100 tokens, its table holds 48"):
+        attention_cpu.paged_decode(q, k_cache, v_cache, tables, torch.tensor([20, 100]), 0.1)
+    bad_tables = tables.clone()
+    bad_tables[0, 1] = 160
+    with pytest.raises(RuntimeError, match="sequence 0 names page 160 of 160"):
+        attention_cpu.paged_decode(q, k_cache, v_cache, bad_tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="head dim 48"):
+        narrow = k_cache[..., :48].contiguous()
+        attention_cpu.paged_decode(q[..., :48], narrow, narrow, tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="caches must be contiguous"):
+        attention_cpu.paged_decode(q, k_cache, v_cache.half(), tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="8 query heads do not group over 3"):
+        attention_cpu.paged_decode(q[:, :8], k_cache, v_cache, tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="must be int64"):
+        attention_cpu.paged_decode(q, k_cache, v_cache, tables.int(), lens, 0.1)
