@@ -11,10 +11,14 @@ from torch import Tensor
 
 from sluice.kernels import build
 
+# The head sizes the kernel is instantiated for (16-lane vectors per head: 1, 2, 4, 8 or 16).
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel runs here (AVX-512); builds it on the first call (once per machine)."""
+    """Whether the kernel runs here (AVX-512); builds it on the first call (once per machine).
+    It serves pools of the head sizes in `HEAD_DIMS`."""
     return build.load_operators(
         "attention_cpu",
         torch.cpu._is_avx512_supported(),

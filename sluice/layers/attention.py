@@ -227,7 +227,8 @@ class PagedAttention(nn.Module):
         # The same pools as [num_pages * page_size, kv_heads, dim]: one flat slot per token.
         self._k_slots: torch.Tensor | None = None
         self._v_slots: torch.Tensor | None = None
-        # Decodes over pools on a CPU with AVX-512 take sluice's kernel (kernels/attention_cpu.cpp).
+        # Decodes over pools on a CPU with AVX-512 take sluice's kernel (kernels/attention_cpu.cpp)
+        # where it has the head size.
         self._native_decode = False
         self.key = next(_layer_keys)
         _layers[self.key] = self
@@ -250,7 +251,11 @@ class PagedAttention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
         self._k_slots = k_cache.flatten(0, 1)
         self._v_slots = v_cache.flatten(0, 1)
-        self._native_decode = k_cache.device.type == "cpu" and attention_cpu.available()
+        self._native_decode = (
+            k_cache.device.type == "cpu"
+            and self.head_dim in attention_cpu.HEAD_DIMS
+            and attention_cpu.available()
+        )
         for cache in (k_cache, v_cache):  # the paged kernel serves pools of every size
             torch._dynamo.mark_dynamic(cache, 0)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sluice.kernels import attention_cpu
+from sluice.layers.attention import DecodeMetadata, PagedAttention
 
 pytestmark = pytest.mark.skipif(
     not attention_cpu.available(), reason="sluice's attention kernel does not run on this machine"
@@ -84,3 +85,16 @@ def test_bad_operands_are_named() -> None:
         attention_cpu.paged_decode(q[:, :8], k_cache, v_cache, tables, lens, 0.1)
     with pytest.raises(RuntimeError, match="must be int64"):
         attention_cpu.paged_decode(q, k_cache, v_cache, tables.int(), lens, 0.1)
+
+
+@pytest.mark.parametrize("dim", [48, 64])
+def test_layers_of_any_head_size_decode(dim) -> None:
+    """A layer whose head size the kernel lacks (48) decodes through the tensor ops instead."""
+    layer = PagedAttention(num_heads=4, num_kv_heads=2, head_dim=dim)
+    _, k_cache, v_cache, tables, _ = make_case([30, 3], 4, 2, dim, torch.float16)
+    layer.bind_cache(k_cache, v_cache)
+    meta = DecodeMetadata.build([29, 2], tables.tolist(), PAGE_SIZE, torch.device("cpu"))
+    q, k, v = torch.randn(2, 4, dim), torch.randn(2, 2, dim), torch.randn(2, 2, dim)
+    got = layer(q, k, v, meta)
+    expected = sdpa_over_pages(q, k_cache, v_cache, tables, meta.kv_lens, dim**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
