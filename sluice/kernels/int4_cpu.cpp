@@ -23,7 +23,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -170,7 +169,8 @@ __m512i store_rounded(__m512 values, int8_t* to) {
 template <int PASSES, typename T>
 void quantize_group(const T* x, int64_t group, int8_t* q1, int8_t* q2, float* scale, float* sum) {
   __m512 largest = _mm512_setzero_ps();
-  for (int64_t k = 0; k < group; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(load16(x + k)));
+  for (int64_t k = 0; k < group; k += 16)
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(load16(x + k)));
   const float max = _mm512_reduce_max_ps(largest);
   const float s = max / 127.0f;
   const __m512 inverse = _mm512_set1_ps(max > 0.0f ? 127.0f / max : 0.0f);
