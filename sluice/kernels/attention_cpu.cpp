@@ -154,7 +154,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const int64_t kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == dim && (dim == 16 || dim == 32 || dim == 64 || dim == 128 ||
                                          dim == 256),
-              "paged_decode: head dim ", dim, " must match the cache and be 16, 32, 64, 128 or 256");
+              "paged_decode: head dim ", dim,
+              " must match the cache and be 16, 32, 64, 128 or 256");
   TORCH_CHECK(heads % kv_heads == 0, "paged_decode: ", heads, " query heads do not group over ",
               kv_heads, " KV heads");
   TORCH_CHECK(page_tables.dim() == 2 && page_tables.size(0) == seqs &&

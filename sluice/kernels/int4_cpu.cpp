@@ -251,7 +251,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes,
 
 // A fragment: sluice/layers/attention.py defines operators of this namespace too.
 TORCH_LIBRARY_FRAGMENT(sluice, m) {
-  m.def("int4_linear(Tensor x, Tensor codes, Tensor scale_offset, int group, int passes) -> Tensor");
+  m.def(
+      "int4_linear(Tensor x, Tensor codes, Tensor scale_offset, int group, int passes) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice, CPU, m) { m.impl("int4_linear", &int4_linear); }
