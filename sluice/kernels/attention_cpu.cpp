@@ -4,8 +4,8 @@
 //
 // Work is split by sequence, whose pages are read in order. Per sequence: the scores of every
 // head for every context token (dot products of 16-lane vectors), an exact softmax (max, exp,
-// sum) and the probability-weighted sum of the values. A sequence's
-// result depends on its own pages and length only, never on the batch around it.
+// sum) and the probability-weighted sum of the values. A sequence's result depends on its own
+// pages and length only, never on the batch around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -106,8 +106,8 @@ void attend(const Problem& p, const T* keys, const T* values, int64_t b,
     }
   });
   for (int64_t h = 0; h < p.heads; ++h) {
-    const float* probs = scores.data() + h * len;
-    softmax(scores.data() + h * len, len);
+    float* probs = scores.data() + h * len;
+    softmax(probs, len);
     const int64_t offset = h / group * p.dim;
     __m512 acc[VECTORS];
     for (int v = 0; v < VECTORS; ++v) acc[v] = _mm512_setzero_ps();

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sluice.kernels import attention_cpu
 from sluice.layers.attention import DecodeMetadata, PagedAttention
 
-pytestmark = pytest.mark.skipif(
+native = pytest.mark.skipif(
     not attention_cpu.available(), reason="sluice's attention kernel does not run on this machine"
 )
 
@@ -42,6 +42,7 @@ def sdpa_over_pages(q, k_cache, v_cache, tables, kv_lens, scale) -> torch.Tensor
     return torch.cat(rows)
 
 
+@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
 def test_matches_sdpa_over_gathered_pages(dtype, heads, kv_heads, dim) -> None:
@@ -52,6 +53,7 @@ def test_matches_sdpa_over_gathered_pages(dtype, heads, kv_heads, dim) -> None:
     torch.testing.assert_close(got, sdpa_over_pages(*case, dim**-0.5), atol=1e-5, rtol=1e-5)
 
 
+@native
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
     q, k_cache, v_cache, tables, lens = make_case([33, 7, 300, 64], 9, 3, 64, torch.float16)
     batch = attention_cpu.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
@@ -62,12 +64,14 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
         assert torch.equal(alone, batch[i : i + 1])
 
 
+@native
 def test_bfloat16_queries_are_widened() -> None:
     q, *rest = make_case([40, 9], 9, 3, 64, torch.bfloat16)
     got = attention_cpu.paged_decode(q.bfloat16(), *rest, 0.125)
     torch.testing.assert_close(got, sdpa_over_pages(q.bfloat16().float(), *rest, 0.125))
 
 
+@native
 def test_bad_operands_are_named() -> None:
     q, k_cache, v_cache, tables, lens = make_case([20, 5], 9, 3, 64, torch.float32)
     with pytest.raises(RuntimeError, match="sequence 1 has 100 tokens, its table holds 48"):
@@ -89,7 +93,8 @@ def test_bad_operands_are_named() -> None:
 
 @pytest.mark.parametrize("dim", [48, 64])
 def test_layers_of_any_head_size_decode(dim) -> None:
-    """A layer whose head size the kernel lacks (48) decodes through the tensor ops instead."""
+    """A layer whose head size the kernel lacks (48) decodes through the tensor ops instead; where
+    the kernel does not run, every layer does."""
     layer = PagedAttention(num_heads=4, num_kv_heads=2, head_dim=dim)
     _, k_cache, v_cache, tables, _ = make_case([30, 3], 4, 2, dim, torch.float16)
     layer.bind_cache(k_cache, v_cache)
