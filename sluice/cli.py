@@ -141,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sluice.engine.engine import Engine
     from sluice.server.openai import ServerSettings, create_app, served_model_name
 
-    engine = AsyncEngine(Engine(EngineConfig.create(**engine_kwargs(args))))
+    config = EngineConfig.create(**engine_kwargs(args))
+    engine = AsyncEngine(lambda: Engine(config))
     settings = ServerSettings(served_model_name(args.model), args.api_key, args.max_queue)
     config = uvicorn.Config(
         create_app(engine, settings),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -23,7 +24,7 @@ async def collect(engine: AsyncEngine, request_id: str, prompt: str) -> list[int
 def test_concurrent_callers_get_their_own_tokens(make_llm):
     llm = make_llm()
     expected = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in ("Hello", "The sea")]
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(lambda: llm.engine)
     try:
 
         async def both():
@@ -51,7 +52,7 @@ def test_a_failed_step_aborts_the_requests_in_flight_and_the_engine_carries_on(
         return real_execute(batch)
 
     monkeypatch.setattr(llm.engine.runner, "execute", fail_on_third_step)
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(lambda: llm.engine)
     try:
         with pytest.raises(EngineStepError, match="injected failure"):
             asyncio.run(collect(engine, "doomed", "Hello"))
@@ -59,3 +60,33 @@ def test_a_failed_step_aborts_the_requests_in_flight_and_the_engine_carries_on(
         assert asyncio.run(collect(engine, "next", "Hello")) == expected
     finally:
         engine.shutdown()
+
+
+def test_the_engine_is_built_and_stepped_on_the_engine_thread(make_llm, monkeypatch):
+    llm = make_llm()
+    threads = {}
+    real_execute = llm.engine.runner.execute
+
+    def build():
+        threads["build"] = threading.get_ident()
+        return llm.engine
+
+    def execute(batch):
+        threads["step"] = threading.get_ident()
+        return real_execute(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", execute)
+    engine = AsyncEngine(build)
+    try:
+        asyncio.run(collect(engine, "a", "Hello"))
+        assert threads["build"] == threads["step"] != threading.get_ident()
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_that_fails_to_build_raises_its_error():
+    def build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(build)
