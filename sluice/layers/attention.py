@@ -6,9 +6,12 @@ grouped by query length: decodes (one query each) share one SDPA call, prefill c
 another with queries padded to the longest chunk, so a long chunk never pads the decodes.
 Masks and indices are built once per step and shared by all layers.
 
-Inside a compiled step (engine/compiled_step.py) attention is one opaque operator,
-`sluice::paged_attention`: inductor fuses everything around it, while the cache write and the
-per-request gather, whose shapes change every step, run eagerly inside it. The operator takes only
+Compiled steps (engine/compiled_step.py) read pages in place through a paged kernel instead,
+one query per row: decodes, and the tokens of prompt chunks up to `KERNEL_MAX_CONTEXT` (each
+with the context up to itself). Steps of decodes alone trace it in; in every other step
+attention is one opaque operator, `sluice::paged_attention`: inductor fuses everything around
+it, while the cache write and the kernel (or SDPA for long prompts), whose shapes change every
+step, run eagerly inside it. The operator takes only
 tensors and the layer's key, so one graph serves every batch and context length; the step's
 metadata is published once per step by `step_metadata` (as vLLM's forward context does).
 """
@@ -26,6 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sluice.kernels import attention_cpu
+
+# Compiled steps read every token's keys through the paged kernel, one query at a time, except
+# the chunks of prompts past this many tokens: there SDPA, which shares each key among a chunk's
+# queries, is the faster (a 512-token chunk: 0.8x the kernel's time at 2048 tokens of context,
+# 1.2x at 512).
+KERNEL_MAX_CONTEXT = 1024
 
 
 @dataclass
@@ -65,7 +74,9 @@ class AttentionMetadata:
         paged_kernel: bool = False,
     ) -> AttentionMetadata:
         """`context_lens[i]`: tokens of request i already cached before this step.
-        `paged_kernel`: decodes read their pages through the compiled paged kernel."""
+        `paged_kernel` (compiled steps): tokens read their pages through the paged kernel, but
+        for prompts past `KERNEL_MAX_CONTEXT`; otherwise decodes share one SDPA call and prompt
+        chunks another."""
         q_lens = torch.tensor(query_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
@@ -78,16 +89,24 @@ class AttentionMetadata:
             table[seq_of_token, positions // page_size] * page_size + positions % page_size
         )
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
-        prefills = [i for i, n in enumerate(query_lens) if n > 1]
+        prompts = [i for i, n in enumerate(query_lens) if n > 1]
+        if paged_kernel:  # SDPA only for the prompts past the kernel's reach
+            prompts = [i for i in prompts if context_lens[i] + query_lens[i] > KERNEL_MAX_CONTEXT]
+        group_args = (query_lens, context_lens, page_tables, table, starts, page_size, device)
         groups = [
-            _paged_decode_group(seqs, context_lens, table, starts, page_size, device)
-            if paged_kernel and seqs is decodes
-            else _group(
-                seqs, query_lens, context_lens, page_tables, table, starts, page_size, device
-            )
-            for seqs in (decodes, prefills)
-            if seqs
+            _group(seqs, *group_args) for seqs in ([] if paged_kernel else decodes, prompts) if seqs
         ]
+        if paged_kernel:
+            # Every other token is a row of the kernel, with its sequence's pages and, as
+            # context, the tokens up to itself (causal), whether it decodes or is a prompt's.
+            rows = torch.isin(seq_of_token, torch.tensor(prompts, dtype=torch.long), invert=True)
+            rows = rows.nonzero()[:, 0]
+            if len(rows):
+                kv_lens = positions[rows] + 1
+                kernel_rows = _paged_rows(
+                    rows, table[seq_of_token[rows]], kv_lens, page_size, device
+                )
+                groups.insert(0, kernel_rows)
         return cls(positions.to(device), slot_mapping.to(device), groups)
 
 
@@ -159,33 +178,29 @@ def _group(
     )
 
 
-def _paged_decode_group(
-    seqs: list[int],
-    context_lens: list[int],
-    table: torch.Tensor,
-    starts: torch.Tensor,
+def _paged_rows(
+    token_index: torch.Tensor,
+    tables: torch.Tensor,
+    kv_lens: torch.Tensor,
     page_size: int,
     device: torch.device,
 ) -> AttentionGroup:
-    """Decodes for the paged kernel: context lengths instead of a mask, and at least two page
-    columns (padding pages are masked out) so one compiled kernel fits every step. Every decode
-    takes it, a lone one too: one kernel for all keeps a request's tokens independent of how
-    many others share its steps (and it beats slicing past ~300 tokens)."""
-    index = torch.tensor(seqs)
-    kv_lens = [context_lens[s] + 1 for s in seqs]
-    pages = max(2, -(-max(kv_lens) // page_size))
-    tables = table[index, :pages]
+    """Rows of the paged kernel: one query each, with its page table and context length, and at
+    least two page columns (padding pages are masked out) so one compiled kernel fits every
+    step. One kernel for every row keeps a token's attention independent of the batch around it
+    and of how its prompt was chunked."""
+    pages = max(2, -(-int(kv_lens.max()) // page_size))
     tables = torch.nn.functional.pad(tables, (0, pages - tables.shape[1])).to(device)
-    lens = torch.tensor(kv_lens, device=device)
+    lens = kv_lens.to(device)
     _mark_paged_decode_sizes(tables, lens)
     return AttentionGroup(
-        token_index=starts[index].to(device),
+        token_index=token_index.to(device),
         page_tables=tables,
-        query_scatter=torch.arange(len(seqs), device=device),
+        query_scatter=torch.arange(len(token_index), device=device),
         mask=None,
-        num_seqs=len(seqs),
+        num_seqs=len(token_index),
         max_query_len=1,
-        max_kv_len=max(kv_lens),
+        max_kv_len=int(kv_lens.max()),
         kv_lens=lens,
     )
 

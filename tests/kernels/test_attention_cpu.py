@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from sluice.kernels import attention_cpu
-from sluice.layers.attention import DecodeMetadata, PagedAttention
+from sluice.layers.attention import (
+    KERNEL_MAX_CONTEXT,
+    AttentionMetadata,
+    DecodeMetadata,
+    PagedAttention,
+)
 
 native = pytest.mark.skipif(
     not attention_cpu.available(), reason="sluice's attention kernel does not run on this machine"
@@ -103,3 +108,25 @@ def test_layers_of_any_head_size_decode(dim) -> None:
     got = layer(q, k, v, meta)
     expected = sdpa_over_pages(q, k_cache, v_cache, tables, meta.kv_lens, dim**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_chunks_attend_through_the_kernel_as_through_sdpa() -> None:
+    """In compiled steps a prompt's tokens are rows of the paged kernel, each with the context up
+    to itself, beside the decodes; a chunk past KERNEL_MAX_CONTEXT goes to SDPA. Every token's
+    attention is SDPA's (where the kernel does not run, the compiled tensor ops take the rows)."""
+    layer = PagedAttention(num_heads=9, num_kv_heads=3, head_dim=64)
+    generator = torch.Generator().manual_seed(0)
+    pools = [torch.randn(100, PAGE_SIZE, 3, 64, generator=generator) for _ in range(2)]
+    layer.bind_cache(*pools)
+    long = KERNEL_MAX_CONTEXT - 24  # its 40-token chunk ends past the kernel's reach
+    query_lens, context_lens = [1, 37, 1, 40], [70, 3, 12, long]
+    tables = [[1, 2, 3, 4, 5], [20, 21, 22], [30], list(range(31, 31 + -(-(long + 40) // 16)))]
+    q = torch.randn(sum(query_lens), 9, 64, generator=generator)
+    k, v = (torch.randn(sum(query_lens), 3, 64, generator=generator) for _ in range(2))
+    cpu = torch.device("cpu")
+    kernel = AttentionMetadata.build(query_lens, context_lens, tables, PAGE_SIZE, cpu, True)
+    sdpa = AttentionMetadata.build(query_lens, context_lens, tables, PAGE_SIZE, cpu, False)
+    assert [g.kv_lens is not None for g in kernel.groups] == [True, False]
+    assert kernel.groups[0].token_index.tolist() == list(range(39))  # all but the long chunk's
+    assert kernel.groups[0].kv_lens.tolist() == [71, *range(4, 41), 13]
+    torch.testing.assert_close(layer(q, k, v, kernel), layer(q, k, v, sdpa), atol=1e-5, rtol=1e-5)
