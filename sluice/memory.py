@@ -37,6 +37,15 @@ def release_freed_heap() -> None:
         libc.malloc_trim(0)
 
 
+def share_malloc_arenas() -> None:
+    """Make threads started from now on allocate from the malloc arenas that exist, not arenas of
+    their own. A model loaded on a thread of its own otherwise stays ~50 MB more resident: glibc
+    returns less of a thread arena's freed temporaries than of the main heap's."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, 1)
+
+
 @contextmanager
 def loading_allocations_mapped() -> Iterator[None]:
     """While a model loads and compiles, serve every allocation over 128 KiB by its own mmap.
@@ -59,7 +68,8 @@ def loading_allocations_mapped() -> Iterator[None]:
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+# mallopt parameters, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 def _libc() -> ctypes.CDLL | None:

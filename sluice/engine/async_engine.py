@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
+from sluice.memory import share_malloc_arenas
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         built = threading.Event()
+        share_malloc_arenas()  # the engine thread loads the model
         self._thread = threading.Thread(
             target=self._run, args=(make_engine, built), name="sluice-engine", daemon=True
         )
