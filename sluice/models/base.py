@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sluice.config import ModelConfig
+from sluice.kernels import topk_cpu
 from sluice.layers.attention import AttentionMetadata, PagedAttention
 from sluice.layers.embedding import Embedding
 from sluice.layers.linear import Linear, Quantization
@@ -44,6 +45,8 @@ class CausalLM(nn.Module):
         self.lm_head = Embedding(config.vocab_size, config.hidden_size)
         # A 4-bit copy that ranks the vocabulary; None when the head runs dense alone.
         self.quantized_head: Linear | None = Linear(config.hidden_size, config.vocab_size)
+        # Whether sluice's kernel selects the shortlist (decided once loaded, not while tracing).
+        self.native_top_k = False
 
     def attention_layers(self) -> list[PagedAttention]:
         """Layers that hold KV pages, in order."""
@@ -56,7 +59,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized_head is None:
             return F.linear(hidden, self.lm_head.weight).float()
-        return shortlisted_logits(hidden, self.quantized_head, self.lm_head)
+        return shortlisted_logits(hidden, self.quantized_head, self.lm_head, self.native_top_k)
 
     def load_weights(
         self,
@@ -108,6 +111,8 @@ class CausalLM(nn.Module):
             self.quantized_head.load_int4_copy(head)
         if self.quantized_head.qweight is None:
             self.quantized_head = None
+        elif self.norm.weight.device.type == "cpu":
+            self.native_top_k = topk_cpu.available()
 
 
 class HybridCausalLM(CausalLM):
