@@ -3,10 +3,10 @@
 // is a decoding sequence's new token, or a token of a prompt's chunk with the context up to
 // itself (the engine gives each its sequence's page table and its own length).
 //
-// Threads take rows one at a time. Per row: the scores of every head for 16 context tokens at a
-// time (16 dot products of 16-lane vectors, then summed across lanes together), an exact softmax
-// (max, exp, sum) and the probability-weighted sum of the values. A row's result depends on its
-// own pages and length only, never on the rows around it.
+// Threads take rows one at a time. Per row: the scores of every head for every context token
+// (dot products of 16-lane vectors), an exact softmax (max, exp, sum) and the probability-
+// weighted sum of the values. A row's result depends on its own pages and length only, never on
+// the rows around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -83,72 +83,30 @@ void softmax(float* s, int64_t len) {
   for (int64_t t = 0; t < len; ++t) s[t] *= inverse;
 }
 
-// The 16 sums of the lanes of a[0..15], as one vector (lane i: the sum of a[i]): pairs of
-// vectors are added half into half, three times within 128-bit lanes and twice across them.
-__m512 sum_lanes16(const __m512 a[16]) {
-  __m512 b[8], c[4];
-  for (int j = 0; j < 8; ++j)  // 128-bit lane: a[2j] 0+2, a[2j+1] 0+2, a[2j] 1+3, a[2j+1] 1+3
-    b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]),
-                         _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
-  for (int j = 0; j < 4; ++j) {  // 128-bit lane: that lane's sums of a[4j], ..., a[4j + 3]
-    const __m512d x = _mm512_castps_pd(b[2 * j]), y = _mm512_castps_pd(b[2 * j + 1]);
-    c[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  __m512 e[2];
-  for (int j = 0; j < 2; ++j)  // 128-bit lanes: c[2j] 0+1, c[2j] 2+3, c[2j+1] 0+1, c[2j+1] 2+3
-    e[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// Scores of `count` <= 16 consecutive tokens of a page (from `k`) for every head, into
-// scores[h * len + t0 ...]: each head's 16 dot products are summed across lanes together.
-template <typename T, int VECTORS>
-void score_tokens(const Problem& p, const float* q, const T* k, int64_t count, int64_t t0,
-                  int64_t len, float* scores) {
-  const int64_t group = p.heads / p.kv_heads, token_stride = p.kv_heads * p.dim;
-  const __mmask16 live = count >= kLanes ? 0xFFFF : (1u << count) - 1;
-  for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
-    const T* head_keys = k + kv_head * p.dim;
-    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-      __m512 query[VECTORS], dots[kLanes];
-      for (int v = 0; v < VECTORS; ++v) query[v] = _mm512_loadu_ps(q + h * p.dim + v * kLanes);
-      for (int i = 0; i < kLanes; ++i) {
-        dots[i] = _mm512_setzero_ps();
-        if (i < count)
-          for (int v = 0; v < VECTORS; ++v)
-            dots[i] = _mm512_fmadd_ps(query[v], load16(head_keys + i * token_stride + v * kLanes),
-                                      dots[i]);
-      }
-      const __m512 scaled = _mm512_mul_ps(sum_lanes16(dots), _mm512_set1_ps(p.scale));
-      _mm512_mask_storeu_ps(scores + h * len + t0, live, scaled);
-    }
-  }
-}
-
-// One sequence (VECTORS = head dim / 16): the scores of every head, read 16 tokens at a time in
-// the order the pages hold them (the values are prefetched meanwhile), then per head the softmax
-// and the weighted values.
+// One sequence (VECTORS = head dim / 16): the scores of every head, read token by token in the
+// order the pages hold them (the values are prefetched meanwhile), then per head the softmax and
+// the weighted values.
 template <typename T, int VECTORS>
 void attend(const Problem& p, const T* keys, const T* values, int64_t b,
             std::vector<float>& scores) {
   const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
-  const int64_t token_stride = p.kv_heads * p.dim, page_stride = p.page_size * token_stride;
+  const int64_t token_bytes = p.kv_heads * p.dim * sizeof(T);
   const float* q = p.q + b * p.heads * p.dim;
-  const int64_t* table = p.tables + b * p.table_stride;
   scores.resize(p.heads * len);
-  for (int64_t t0 = 0; t0 < len; t0 += p.page_size) {
-    const int64_t offset = table[t0 / p.page_size] * page_stride;
-    const int64_t count = std::min(p.page_size, len - t0);
-    const char* value = reinterpret_cast<const char*>(values + offset);
-    for (int64_t byte = 0; byte < count * token_stride * int64_t(sizeof(T)); byte += 64)
-      _mm_prefetch(value + byte, _MM_HINT_T1);
-    for (int64_t i = 0; i < count; i += kLanes)
-      score_tokens<T, VECTORS>(p, q, keys + offset + i * token_stride,
-                               std::min(kLanes, count - i), t0 + i, len, scores.data());
-  }
+  for_each_token(p, keys, b, [&](int64_t t, const T* k) {
+    const char* value = reinterpret_cast<const char*>(k - keys + values);
+    for (int64_t byte = 0; byte < token_bytes; byte += 64) _mm_prefetch(value + byte, _MM_HINT_T1);
+    for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+      __m512 key[VECTORS];
+      for (int v = 0; v < VECTORS; ++v) key[v] = load16(k + kv_head * p.dim + v * kLanes);
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q + h * p.dim), key[0]);
+        for (int v = 1; v < VECTORS; ++v)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * p.dim + v * kLanes), key[v], dot);
+        scores[h * len + t] = _mm512_reduce_add_ps(dot) * p.scale;
+      }
+    }
+  });
   for (int64_t h = 0; h < p.heads; ++h) {
     float* probs = scores.data() + h * len;
     softmax(probs, len);
