@@ -11,9 +11,9 @@ one query per row: decodes, and the tokens of prompt chunks up to `KERNEL_MAX_CO
 with the context up to itself). Steps of decodes alone trace it in; in every other step
 attention is one opaque operator, `sluice::paged_attention`: inductor fuses everything around
 it, while the cache write and the kernel (or SDPA for long prompts), whose shapes change every
-step, run eagerly inside it. The operator takes only
-tensors and the layer's key, so one graph serves every batch and context length; the step's
-metadata is published once per step by `step_metadata` (as vLLM's forward context does).
+step, run eagerly inside it. The operator takes only tensors and the layer's key, so one graph
+serves every batch and context length; the step's metadata is published once per step by
+`step_metadata` (as vLLM's forward context does).
 """
 
 from __future__ import annotations
