@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
+from sluice.engine.request import PreparedRequest
 from sluice.memory import share_malloc_arenas
-from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,13 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, request: PreparedRequest
     ) -> AsyncIterator[RequestOutput]:
-        """Validate (raising InvalidParameterError here, before anything is queued), then stream."""
+        """Stream the outputs of a request prepared (validated) by `engine.prepare`."""
         self._check_alive()
-        params.validate()
-        prompt_ids = self.engine.encode_prompt(prompt)
-        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue(), request.params.n)
         self._subscribers[request_id] = subscriber
-        self._commands.put(lambda: self._add(request_id, prompt_ids, params))
+        self._commands.put(lambda: self._add(request_id, request))
         try:
             while subscriber.remaining:
                 item = await subscriber.outputs.get()
@@ -152,9 +150,9 @@ class AsyncEngine:
         except queue.Empty:
             return
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, request: PreparedRequest) -> None:
         try:
-            self.engine.add_request(request_id, prompt_ids, params)
+            self.engine.add_request(request_id, request)
         except Exception as exc:  # e.g. a duplicate id: that caller's error, not the engine's
             subscriber = self._subscribers.get(request_id)
             if subscriber is not None:

@@ -108,6 +108,23 @@ class KVCacheManager:
             self.prefix_cache.evict(needed - self.pool.num_free)
         request.page_ids.extend(self.pool.allocate(needed))
 
+    def trim(self, request: Request) -> None:
+        """Give back the pages past the request's computed tokens (those only rejected draft
+        tokens were written to); the prefix cache never holds them (it takes full computed
+        pages only)."""
+        keep = -(-request.num_computed_tokens // self.page_size)
+        self.pool.release(request.page_ids[keep:])
+        del request.page_ids[keep:]
+
+    def hold(self, request: Request) -> list[int]:
+        """Keep a request's pages from reuse after it finishes, while another process still
+        reads them (a prefill whose KV a decode instance pulls); `release_held` ends it."""
+        self.pool.retain(request.page_ids)
+        return list(request.page_ids)
+
+    def release_held(self, page_ids: list[int]) -> None:
+        self.pool.release(page_ids)
+
     def match_prefix(self, request: Request) -> None:
         """Start a request with nothing computed from the longest cached prefix of its tokens."""
         if self.prefix_cache is None or request.num_computed_tokens:

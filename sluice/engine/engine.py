@@ -8,16 +8,12 @@ import torch
 
 from sluice.config import CacheConfig, EngineConfig
 from sluice.engine.cache_manager import KVCacheManager, PagePool
-from sluice.engine.model_runner import (
-    ModelRunner,
-    SampledToken,
-    kv_bytes_per_page,
-    state_bytes_per_slot,
-)
+from sluice.engine.executor import Executor
+from sluice.engine.model_runner import ModelRunner, kv_bytes_per_page, state_bytes_per_slot
 from sluice.engine.output import RequestOutput, TextStream
 from sluice.engine.prefix_cache import PrefixCache
-from sluice.engine.request import FinishReason, Request, TokenLogprob
-from sluice.engine.scheduler import Scheduler
+from sluice.engine.request import FinishReason, PreparedRequest, Request, TokenLogprob
+from sluice.engine.scheduler import RequestUpdate, Scheduler
 from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
@@ -56,8 +52,8 @@ class Engine:
             else None
         )
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(
+        self.scheduler = Scheduler(config.scheduler, self.kv, loaded.tokenizer.eos_token_ids)
+        self.executor: Executor = ModelRunner(
             loaded.model,
             self.device,
             dtype,
@@ -86,64 +82,83 @@ class Engine:
     # ---- requests in -------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """A prompt's token ids, checked against the vocabulary and the context window."""
+        token_ids = self._prompt_ids(prompt)
         if not token_ids:
             raise InvalidParameterError("prompt", "prompt is empty")
-        if any(
-            not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in token_ids
-        ):
-            raise InvalidParameterError(
-                "prompt", f"prompt token ids must be in [0, {self.model_config.vocab_size})"
-            )
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) >= self.max_model_len:  # before looking at each id of a huge list
             raise InvalidParameterError(
                 "prompt",
                 f"prompt has {len(token_ids)} tokens but the context window is "
                 f"{self.max_model_len} tokens (at least one must be left to generate)",
             )
+        vocab_size = self.model_config.vocab_size
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in token_ids):
+            raise InvalidParameterError(
+                "prompt", f"prompt token ids must be integers in [0, {vocab_size})"
+            )
         return token_ids
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        cache_salt: str = "",
-    ) -> None:
-        """Validate and queue; raises InvalidParameterError and leaves the engine untouched.
+    def _prompt_ids(self, prompt: object) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return list(prompt)
+        raise InvalidParameterError(
+            "prompt", f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+        )
 
-        `cache_salt` namespaces the prefix cache: only requests with the same salt share KV.
-        """
+    def make_request(
+        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str = ""
+    ) -> PreparedRequest:
+        """Validate `params` against this model; `prompt_ids` come from `encode_prompt`."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(
+                "params", f"expected SamplingParams, got {type(params).__name__}"
+            )
+        params.validate()
+        vocab_size = self.model_config.vocab_size
+        if any(t >= vocab_size for t in params.stop_token_ids):
+            raise InvalidParameterError(
+                "stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab_size})"
+            )
+        return PreparedRequest(prompt_ids, params, cache_salt)
+
+    def prepare(
+        self, prompt: str | list[int], params: SamplingParams, cache_salt: str = ""
+    ) -> PreparedRequest:
+        """Validate and encode once, at the edge; raises InvalidParameterError naming what is
+        wrong. `cache_salt` namespaces the prefix cache: only requests with the same salt share
+        KV."""
+        return self.make_request(self.encode_prompt(prompt), params, cache_salt)
+
+    def add_request(self, request_id: str, prepared: PreparedRequest) -> None:
+        """Queue a prepared request as its `n` sequences."""
         if request_id in self._requests:
             raise InvalidParameterError(
                 "request_id", f"request id {request_id!r} is already in use"
             )
-        params.validate()
-        token_ids = self.encode_prompt(prompt)
+        params = prepared.params
         sequences = [
-            self._new_sequence(request_id, i, token_ids, params.for_sample(i))
+            self._new_sequence(request_id, i, prepared, params.for_sample(i))
             for i in range(params.n)
         ]
         for seq in sequences:
-            seq.cache_salt = cache_salt
             self.scheduler.add(seq)
             self._streams[seq] = TextStream(self.tokenizer, seq.params)
         self._requests[request_id] = sequences
 
     def _new_sequence(
-        self, request_id: str, index: int, token_ids: list[int], params: SamplingParams
+        self, request_id: str, index: int, prepared: PreparedRequest, params: SamplingParams
     ) -> Request:
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
         return Request(
             request_id=f"{request_id}#{index}",
-            prompt_token_ids=token_ids,
+            prompt_token_ids=prepared.prompt_token_ids,
             params=params,
             max_total_tokens=self.max_model_len,
             parent_id=request_id,
             index=index,
-            generator=generator,
+            cache_salt=prepared.cache_salt,
         )
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
@@ -151,7 +166,7 @@ class Engine:
         outputs = []
         for seq in self._requests.get(request_id, []):
             if not seq.is_finished:
-                outputs.append(self._finish(seq, FinishReason.ABORT, [], []))
+                outputs.append(self._finish(seq, FinishReason.ABORT))
         return outputs
 
     def abort_all_requests(self) -> list[str]:
@@ -178,55 +193,54 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        sampled = self.runner.execute(batch)
-        for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
-            self.kv.cache_computed(req)
-        return [self._append_token(s) for s in sampled]
+        output = self.executor.execute(batch.step)
+        return [self._output(update) for update in self.scheduler.update(batch, output)]
 
-    def _append_token(self, sampled: SampledToken) -> RequestOutput:
-        req, token = sampled.request, sampled.token_id
-        req.output_token_ids.append(token)
-        logprobs = [sampled.logprob] if sampled.logprob is not None else []
-        reason = self._token_stop_reason(req, token)
-        if reason != FinishReason.STOP and self._streams[req].add_token(token):
-            reason = FinishReason.STOP
-        if reason is not None:
-            return self._finish(req, reason, [token], logprobs)
-        return self._output(req, [token], logprobs, finished=False)
+    def _output(self, update: RequestUpdate) -> RequestOutput:
+        """Text for the new tokens; a stop string in it ends the request."""
+        req = update.request
+        if self._hits_stop_string(req, update):
+            if req.is_finished:  # the same token reached max_tokens: the stop string says why
+                req.finish_reason = FinishReason.STOP
+            else:
+                self.scheduler.finish(req, FinishReason.STOP)
+        if req.is_finished:
+            return self._finished_output(req, update.new_token_ids, update.logprobs)
+        return self._request_output(req, update.new_token_ids, update.logprobs)
 
-    def _token_stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        params = req.params
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.tokenizer.eos_token_ids
-        ):
-            return FinishReason.STOP
-        if len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= req.max_total_tokens:
-            return FinishReason.LENGTH
-        return None
+    def _hits_stop_string(self, req: Request, update: RequestUpdate) -> bool:
+        """Feed the new tokens' text to the request's stream, all but a stop token (EOS or a
+        stop id, which ends the text unwritten); True when a stop string completed."""
+        tokens = update.new_token_ids
+        if update.finish_reason == FinishReason.STOP:
+            tokens = tokens[:-1]
+        stream = self._streams[req]
+        return any(stream.add_token(token) for token in tokens)
 
-    def _finish(
-        self, req: Request, reason: FinishReason, tokens: list[int], logprobs: list[TokenLogprob]
+    def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
+        self.scheduler.finish(req, reason)
+        return self._finished_output(req, [], [])
+
+    def _finished_output(
+        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob]
     ) -> RequestOutput:
-        req.finish_reason = reason
-        self.scheduler.finish(req)
         self._streams[req].finish()
-        output = self._output(req, tokens, logprobs, finished=True)
+        output = self._request_output(req, tokens, logprobs)
         del self._streams[req]
         siblings = self._requests[req.parent_id]
-        if all(s.is_finished for s in siblings):
+        if all(s not in self._streams for s in siblings):  # the last one's final output
             del self._requests[req.parent_id]
         return output
 
-    def _output(
-        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob], finished: bool
+    def _request_output(
+        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob]
     ) -> RequestOutput:
         return RequestOutput(
             request_id=req.parent_id,
             index=req.index,
             new_token_ids=tokens,
-            new_text=self._streams[req].take_delta(final=finished),
-            finished=finished,
+            new_text=self._streams[req].take_delta(final=req.is_finished),
+            finished=req.is_finished,
             finish_reason=req.finish_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=len(req.output_token_ids),
@@ -243,3 +257,7 @@ def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> 
     slot_bytes = state_bytes_per_slot(loaded.model, dtype)
     budget = int(cache.memory_budget_bytes * cache.state_pool_ratio)
     return StatePool(cache.num_state_slots or max(1, budget // slot_bytes))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

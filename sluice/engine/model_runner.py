@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-
 import torch
 
 from sluice.config import ModelConfig
 from sluice.engine.compiled_step import compiled_step, step_metadata_for
-from sluice.engine.request import Request, TokenLogprob
-from sluice.engine.scheduler import ScheduledBatch
+from sluice.engine.request import TokenLogprob
 from sluice.engine.state_pool import StateOp, StatePool
+from sluice.engine.step import SampledToken, SamplingRow, ScheduledRequest, StepInput, StepOutput
 from sluice.layers.attention import AttentionMetadata, DecodeMetadata
 from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import StateMetadata, bind_state, spec_bytes
 from sluice.memory import lazy_zeros
 from sluice.models.base import CausalLM
-
-
-@dataclass
-class SampledToken:
-    request: Request
-    token_id: int
-    logprob: TokenLogprob | None
+from sluice.sampling_params import SamplingParams
 
 
 def allocate_kv_cache(
@@ -76,6 +67,7 @@ class ModelRunner:
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
+        self._generators: dict[str, torch.Generator] = {}  # seeded requests' own, by id
         allocate_kv_cache(model, num_pages, page_size, kv_dtype, device)
         if state_pool is not None:
             allocate_state(model, state_pool.num_slots, dtype, device)
@@ -87,26 +79,23 @@ class ModelRunner:
         self.compiled_step = compiled_step(model, page_size, device) if compile else None
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        input_ids, meta = self._prepare_inputs(batch)
-        to_sample = [
-            (row, req)
-            for row, (req, n) in enumerate(zip(batch.requests, batch.num_tokens))
-            if req.num_computed_tokens + n == req.num_tokens
-        ]
-        last_token_rows = list(itertools.accumulate(batch.num_tokens))
-        rows = [last_token_rows[row] - 1 for row, _ in to_sample]
-        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+    def execute(self, step: StepInput) -> StepOutput:
+        for request_id in step.finished_ids:
+            self._generators.pop(request_id, None)
+        input_ids, meta = self._prepare_inputs(step)
+        sampling = [r for r in step.requests if r.sampling is not None]
+        rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
+        query_lens = [r.num_tokens for r in step.requests]
         if self.compiled_step is not None:
             logits = self.compiled_step(input_ids, meta, rows)
         elif self.state_pool is None:
             logits = self.model.compute_logits(self.model(input_ids, meta)[rows])
         else:
-            self._apply_state_ops(self.state_pool.take_ops())
-            slots = [req.state_slot for req in batch.requests]
-            state = StateMetadata.build(batch.num_tokens, slots, self.device)
+            self._apply_state_ops(step.state_ops)
+            slots = [r.state_slot for r in step.requests]
+            state = StateMetadata.build(query_lens, slots, self.device)
             logits = self.model.compute_logits(self.model(input_ids, meta, state)[rows])
-        return self._sample(logits, [req for _, req in to_sample]) if to_sample else []
+        return self._sample(logits, sampling) if sampling else StepOutput()
 
     def _apply_state_ops(self, ops: list[StateOp]) -> None:
         """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
@@ -118,51 +107,83 @@ class ModelRunner:
                     tensor[op.target].copy_(tensor[op.source])
 
     def _prepare_inputs(
-        self, batch: ScheduledBatch
+        self, step: StepInput
     ) -> tuple[torch.Tensor, AttentionMetadata | DecodeMetadata]:
-        token_ids: list[int] = []
-        for req, n in zip(batch.requests, batch.num_tokens):
-            token_ids.extend(req.token_ids(req.num_computed_tokens, req.num_computed_tokens + n))
+        token_ids = [t for r in step.requests for t in r.token_ids]
         build = AttentionMetadata.build if self.compiled_step is None else step_metadata_for
         meta = build(
-            batch.num_tokens,
-            [req.num_computed_tokens for req in batch.requests],
-            [req.page_ids for req in batch.requests],
+            [r.num_tokens for r in step.requests],
+            [r.context_len for r in step.requests],
+            [r.page_ids for r in step.requests],
             self.page_size,
             self.device,
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        self._suppress_early_stops(logits, requests)
+    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> StepOutput:
+        """Each sample row draws with its request's settings; a request's rows come in order
+        (the continuation of its last token, then of each draft) with the history up to them."""
+        rows = [(r, r.sampling, _history(r, i)) for r in requests for i in range(r.num_sample_rows)]
+        self._suppress_early_stops(logits, [(s, out) for _, s, out in rows])
         sampling = SamplingBatch.build(
-            params=[r.params for r in requests],
-            generators=[r.generator for r in requests],
-            prompt_ids=[r.prompt_token_ids for r in requests],
-            output_ids=[r.output_token_ids for r in requests],
+            params=[s.params for _, s, _ in rows],
+            generators=[self._generator(r.request_id, s.params) for r, s, _ in rows],
+            prompt_ids=[s.prompt_token_ids for _, s, _ in rows],
+            output_ids=[out for _, _, out in rows],
             device=self.device,
         )
         out = self.sampler(logits, sampling)
         token_ids = out.token_ids.tolist()
-        logprobs = (
-            _token_logprobs(out, requests) if out.logprobs is not None else [None] * len(requests)
-        )
-        return [SampledToken(r, t, lp) for r, t, lp in zip(requests, token_ids, logprobs)]
+        logprobs = _token_logprobs(out, [s.params for _, s, _ in rows])
+        sampled: dict[str, list[SampledToken]] = {}
+        for (request, _, _), token_id, logprob in zip(rows, token_ids, logprobs):
+            sampled.setdefault(request.request_id, []).append(SampledToken(token_id, logprob))
+        return StepOutput(sampled)
 
-    def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        """A seeded request draws only from its own generator, kept here across its steps."""
+        if params.seed is None:
+            return None
+        if request_id not in self._generators:
+            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
+        return self._generators[request_id]
+
+    def _suppress_early_stops(
+        self, logits: torch.Tensor, rows: list[tuple[SamplingRow, list[int]]]
+    ) -> None:
         """`min_tokens`: a request may not stop (EOS or a stop token id) before it has that many."""
-        for row, req in enumerate(requests):
-            if len(req.output_token_ids) < req.params.min_tokens:
-                stops = list(self.eos_token_ids | set(req.params.stop_token_ids))
+        for row, (sampling, output_ids) in enumerate(rows):
+            if len(output_ids) < sampling.params.min_tokens:
+                stops = list(self.eos_token_ids | set(sampling.params.stop_token_ids))
                 logits[row, stops] = float("-inf")
 
 
-def _token_logprobs(out, requests: list[Request]) -> list[TokenLogprob | None]:
+def _sample_rows(step: StepInput) -> list[int]:
+    """Flat token rows whose logits sample: the last `num_sample_rows` of each request's."""
+    rows, end = [], 0
+    for r in step.requests:
+        end += r.num_tokens
+        rows.extend(range(end - r.num_sample_rows, end))
+    return rows
+
+
+def _history(request: ScheduledRequest, row: int) -> list[int]:
+    """The output tokens before sample row `row`: the request's own, then the drafts before it."""
+    output = request.sampling.output_token_ids
+    if row == 0:
+        return output
+    drafts = request.token_ids[request.num_tokens - request.num_speculative :]
+    return output + drafts[:row]
+
+
+def _token_logprobs(out, params: list[SamplingParams]) -> list[TokenLogprob | None]:
+    if out.logprobs is None:
+        return [None] * len(params)
     chosen = out.logprobs.tolist()
     top_ids, top_values = out.top_logprob_ids.tolist(), out.top_logprobs.tolist()
     result: list[TokenLogprob | None] = []
-    for i, req in enumerate(requests):
-        k = req.params.logprobs
+    for i, p in enumerate(params):
+        k = p.logprobs
         if k is None:
             result.append(None)
             continue

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    import torch
-
     from sluice.engine.prefix_cache import RadixNode
 
 
@@ -34,6 +32,15 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the most likely alternatives, best first
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request validated and encoded at the edge (`Engine.prepare`); trusted from then on."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence. `num_computed_tokens` catches up with `num_tokens`, a chunk per step."""
@@ -52,7 +59,8 @@ class Request:
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # set by the scheduler when it first admits it
-    generator: torch.Generator | None = None
+    # Draft tokens proposed to follow the output; the next step verifies them with the model.
+    spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
     prefix_node: RadixNode | None = None  # deepest prefix-cache node this request holds a lock on
     num_inserted_pages: int = 0  # leading pages of page_ids already offered to the prefix cache

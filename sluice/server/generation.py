@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sluice.engine.async_engine import AsyncEngine
 from sluice.engine.output import RequestOutput
-from sluice.sampling_params import SamplingParams
+from sluice.engine.request import PreparedRequest
 from sluice.server.errors import APIError
 from sluice.server.metrics import ServerMetrics
 
@@ -39,18 +39,17 @@ class Generation:
         engine: AsyncEngine,
         metrics: ServerMetrics,
         request_id: str,
-        prompts: list[list[int]],
-        params: SamplingParams,
+        requests: list[PreparedRequest],
     ) -> None:
-        self._params = params
+        self._n = requests[0].params.n
         self._arrival = time.monotonic()
         self._queue: asyncio.Queue[ChoiceOutput | Exception | object] = asyncio.Queue()
         self._started: set[int] = set()  # prompts with at least one output
         self._tasks = [
             asyncio.create_task(
-                self._pump(index, engine.generate(f"{request_id}-{index}", prompt, params), metrics)
+                self._pump(index, engine.generate(f"{request_id}-{index}", request), metrics)
             )
-            for index, prompt in enumerate(prompts)
+            for index, request in enumerate(requests)
         ]
 
     @property
@@ -82,14 +81,12 @@ class Generation:
     async def _pump(
         self, prompt: int, outputs: AsyncIterator[RequestOutput], metrics: ServerMetrics
     ) -> None:
-        tracker = metrics.track(self._arrival, self._params.n)
+        tracker = metrics.track(self._arrival, self._n)
         try:
             async for out in outputs:
                 self._started.add(prompt)
                 tracker.observe(out)
-                self._queue.put_nowait(
-                    ChoiceOutput(prompt * self._params.n + out.index, prompt, out)
-                )
+                self._queue.put_nowait(ChoiceOutput(prompt * self._n + out.index, prompt, out))
         except Exception as exc:  # the engine refused or failed this prompt: the reader raises it
             self._queue.put_nowait(exc)
         finally:
@@ -110,9 +107,7 @@ class GenerationQueue:
     def num_waiting(self) -> int:
         return sum(generation.num_waiting for generation in self._live)
 
-    def start(
-        self, request_id: str, prompts: list[list[int]], params: SamplingParams
-    ) -> Generation:
+    def start(self, request_id: str, requests: list[PreparedRequest]) -> Generation:
         """Raises APIError 503 when the engine is gone or the queue is full, before anything starts."""
         if not self._engine.is_alive:
             raise APIError(503, "the engine has stopped", code="engine_dead")
@@ -123,7 +118,7 @@ class GenerationQueue:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
-        generation = Generation(self._engine, self._metrics, request_id, prompts, params)
+        generation = Generation(self._engine, self._metrics, request_id, requests)
         self._live.add(generation)
         return generation
 

@@ -147,7 +147,9 @@ class OpenAIServer:
             [len(p) for p in prompts],
             params.n,
         )
-        generation = self.generations.start(meta.id, prompts, params)
+        engine = self.engine.engine
+        requests = [engine.make_request(prompt, params) for prompt in prompts]
+        generation = self.generations.start(meta.id, requests)
         if body.stream:
             events = stream_events(generation, fmt, meta, body.include_usage)
             return StreamingResponse(

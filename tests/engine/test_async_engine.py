@@ -16,9 +16,8 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
 async def collect(engine: AsyncEngine, request_id: str, prompt: str) -> list[int]:
-    return [
-        t async for out in engine.generate(request_id, prompt, GREEDY) for t in out.new_token_ids
-    ]
+    request = engine.engine.prepare(prompt, GREEDY)
+    return [t async for out in engine.generate(request_id, request) for t in out.new_token_ids]
 
 
 def test_concurrent_callers_get_their_own_tokens(make_llm):
@@ -42,7 +41,7 @@ def test_a_failed_step_aborts_the_requests_in_flight_and_the_engine_carries_on(
 ):
     llm = make_llm()
     expected = llm.generate(["Hello"], GREEDY)[0].outputs[0].token_ids
-    real_execute = llm.engine.runner.execute
+    real_execute = llm.engine.executor.execute
     calls = {"n": 0}
 
     def fail_on_third_step(batch):  # fault injection: a bug that strikes mid-generation
@@ -51,7 +50,7 @@ def test_a_failed_step_aborts_the_requests_in_flight_and_the_engine_carries_on(
             raise RuntimeError("injected failure")
         return real_execute(batch)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", fail_on_third_step)
+    monkeypatch.setattr(llm.engine.executor, "execute", fail_on_third_step)
     engine = AsyncEngine(lambda: llm.engine)
     try:
         with pytest.raises(EngineStepError, match="injected failure"):
@@ -65,7 +64,7 @@ def test_a_failed_step_aborts_the_requests_in_flight_and_the_engine_carries_on(
 def test_the_engine_is_built_and_stepped_on_the_engine_thread(make_llm, monkeypatch):
     llm = make_llm()
     threads = {}
-    real_execute = llm.engine.runner.execute
+    real_execute = llm.engine.executor.execute
 
     def build():
         threads["build"] = threading.get_ident()
@@ -75,7 +74,7 @@ def test_the_engine_is_built_and_stepped_on_the_engine_thread(make_llm, monkeypa
         threads["step"] = threading.get_ident()
         return real_execute(batch)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", execute)
+    monkeypatch.setattr(llm.engine.executor, "execute", execute)
     engine = AsyncEngine(build)
     try:
         asyncio.run(collect(engine, "a", "Hello"))

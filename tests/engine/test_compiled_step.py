@@ -82,7 +82,7 @@ def test_logits_match_eager_for_every_step_from_one_graph(own_model):
     config = EngineConfig.create(quantization="none", num_pages=64, kv_cache_dtype="float32")
     engine = Engine(config, loaded=own_model)  # made as engines are, outside inference mode
     with torch.inference_mode():  # as the runner calls it: grad mode would compile it again
-        check_logits_match_eager(engine.runner.model)
+        check_logits_match_eager(engine.executor.model)
 
 
 def test_an_engine_with_other_pools_gets_graphs_of_its_own(own_model):
@@ -154,8 +154,8 @@ def test_engine_output_is_the_same_compiled_or_eager(make_llm):
     decodes and both; 16-token chunks), equal the all-eager engine's."""
     eager = make_llm(compile=False, max_num_batched_tokens=16)
     compiled = make_llm(max_num_batched_tokens=16)
-    assert eager.engine.runner.compiled_step is None
-    assert compiled.engine.runner.compiled_step is not None
+    assert eager.engine.executor.compiled_step is None
+    assert compiled.engine.executor.compiled_step is not None
     prompts = [
         eager.chat_prompt([{"role": "user", "content": q}])
         for q in ("Why is the sky blue?", "Name a prime number.", "Write a haiku about rain.")
@@ -184,6 +184,6 @@ def test_tiny_llama_on_cuda_matches_transformers_compiled_or_eager(tmp_path):
             kv_cache_memory_gb=0.25,
             max_num_batched_tokens=16,
         )
-        assert (llm.engine.runner.compiled_step is not None) == compile
+        assert (llm.engine.executor.compiled_step is not None) == compile
         results = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
         assert [r.outputs[0].token_ids for r in results] == expected

@@ -52,7 +52,7 @@ def test_batched_chunked_generation_matches_transformers(hybrid, make_llm):
     reference, _ = hybrid
     prompts = [random_tokens(n, seed=n) for n in (5, 23, 40, 1)]
     llm = make_llm()
-    assert llm.engine.runner.compiled_step is None  # hybrids run eagerly
+    assert llm.engine.executor.compiled_step is None  # hybrids run eagerly
     got = token_ids(llm.generate(prompts, GREEDY))
     assert got == [reference_greedy(reference, p, GREEDY.max_tokens) for p in prompts]
 

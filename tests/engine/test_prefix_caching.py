@@ -64,14 +64,14 @@ def test_cache_salt_isolates_namespaces(make_llm, expected):
     prompts, _ = expected
     llm = make_llm()
     engine = llm.engine
-    engine.add_request("a", prompts[0], GREEDY, cache_salt="alice")
-    engine.add_request("b", prompts[0], GREEDY, cache_salt="bob")
+    engine.add_request("a", engine.prepare(prompts[0], GREEDY, cache_salt="alice"))
+    engine.add_request("b", engine.prepare(prompts[0], GREEDY, cache_salt="bob"))
     cached = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             cached[out.request_id] = out.num_cached_tokens
     assert cached == {"a": 0, "b": 0}
-    engine.add_request("c", prompts[0], GREEDY, cache_salt="alice")
+    engine.add_request("c", engine.prepare(prompts[0], GREEDY, cache_salt="alice"))
     while engine.has_unfinished_requests():
         for out in engine.step():
             cached[out.request_id] = out.num_cached_tokens
