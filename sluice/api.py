@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -11,9 +12,9 @@ from tqdm import tqdm
 from sluice.config import EngineConfig
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
-from sluice.engine.request import TokenLogprob
+from sluice.engine.request import PreparedRequest, TokenLogprob
 from sluice.loaders.tokenizer import Tokenizer
-from sluice.sampling_params import SamplingParams
+from sluice.sampling_params import InvalidParameterError, SamplingParams
 
 Message = dict[str, object]
 Prompt = str | list[int]
@@ -64,6 +65,9 @@ class LLM:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
+        # Outputs not yet read, per request: a step serves every request in flight, and each
+        # caller (a generate call, each open stream) reads only its own.
+        self._outboxes: dict[str, deque[RequestOutput]] = {}
 
     def generate(
         self,
@@ -71,22 +75,27 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: bool = False,
     ) -> list[GenerationResult]:
-        """Run a batch to completion; results come back in prompt order."""
+        """Run a batch to completion; results come back in prompt order. A bad prompt or
+        setting raises InvalidParameterError before anything is queued."""
         prompts = _as_prompt_list(prompts)
         params_list = _broadcast(params, len(prompts))
-        results = {}
-        for prompt, p in zip(prompts, params_list):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, p)
-            results[request_id] = GenerationResult(request_id, [Completion(i) for i in range(p.n)])
+        prepared = [self.engine.prepare(prompt, p) for prompt, p in zip(prompts, params_list)]
+        results = {
+            request_id: GenerationResult(request_id, [Completion(i) for i in range(p.n)])
+            for request_id, p in zip(self._submit(prepared), params_list)
+        }
         bar = tqdm(total=len(prompts), desc="generating", disable=not progress)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                result = results[out.request_id]
-                result.add(out)
-                if out.finished and _all_finished(result):
-                    bar.update(1)
-        bar.close()
+        try:
+            unfinished = set(results)
+            while unfinished:
+                self._step()
+                for request_id in list(unfinished):
+                    if self._collect(request_id, results[request_id]):
+                        unfinished.discard(request_id)
+                        bar.update(1)
+        finally:
+            bar.close()
+            self._abort(results)
         return list(results.values())
 
     def chat(
@@ -97,6 +106,8 @@ class LLM:
         """One conversation (a list of messages) or several; answers the last message of each."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        if not conversations or not all(conversations):
+            raise InvalidParameterError("messages", "a conversation needs at least one message")
         prompts = [self.chat_prompt(messages) for messages in conversations]
         return self.generate(prompts, params)
 
@@ -106,18 +117,50 @@ class LLM:
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield each step's output for one prompt as it is produced."""
-        request_id = str(next(self._ids))
-        self.engine.add_request(request_id, prompt, params or SamplingParams())
-        remaining = (params or SamplingParams()).n
+        """Yield each step's output for one prompt as it is produced. Streams may be read
+        interleaved (and beside `generate`): each gets exactly its own outputs."""
+        params = params or SamplingParams()
+        (request_id,) = self._submit([self.engine.prepare(prompt, params)])
+        outbox = self._outboxes[request_id]
+        remaining = params.n
         try:
             while remaining:
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        remaining -= out.finished
-                        yield out
+                while not outbox:
+                    self._step()
+                out = outbox.popleft()
+                remaining -= out.finished
+                yield out
         finally:
+            self._abort([request_id])
+
+    def _submit(self, prepared: list[PreparedRequest]) -> list[str]:
+        request_ids = [str(next(self._ids)) for _ in prepared]
+        for request_id, request in zip(request_ids, prepared):
+            self.engine.add_request(request_id, request)
+            self._outboxes[request_id] = deque()
+        return request_ids
+
+    def _step(self) -> None:
+        """One engine step, its outputs sorted into their requests' outboxes."""
+        if not self.engine.has_unfinished_requests():  # would never deliver: fail, don't spin
+            raise RuntimeError("waiting for outputs, but the engine has no request in flight")
+        for out in self.engine.step():
+            outbox = self._outboxes.get(out.request_id)
+            if outbox is not None:
+                outbox.append(out)
+
+    def _collect(self, request_id: str, result: GenerationResult) -> bool:
+        """Add what arrived for a request to its result; True once all its samples finished."""
+        outbox = self._outboxes[request_id]
+        while outbox:
+            result.add(outbox.popleft())
+        return _all_finished(result)
+
+    def _abort(self, request_ids: Iterable[str]) -> None:
+        """Forget these requests, aborting what still runs (no-op for finished ones)."""
+        for request_id in request_ids:
             self.engine.abort_request(request_id)
+            self._outboxes.pop(request_id, None)
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
@@ -128,6 +171,8 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (bytes, bytearray)):
+        raise InvalidParameterError("prompt", "a prompt is text (str) or token ids, not bytes")
     if isinstance(prompts, str):
         return [prompts]
     if prompts and isinstance(prompts[0], int):
@@ -141,7 +186,9 @@ def _broadcast(
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * count
     if len(params) != count:
-        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        raise InvalidParameterError(
+            "params", f"got {len(params)} SamplingParams for {count} prompts"
+        )
     return list(params)
 
 
