@@ -30,7 +30,18 @@ def test_completion_shape_and_usage(oai: openai.OpenAI, client: httpx.Client):
     usage = completion.usage
     assert (usage.prompt_tokens, usage.completion_tokens) == (num_prompt_tokens, 5)
     assert usage.total_tokens == num_prompt_tokens + 5
-    assert usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_cached_tokens_count_the_prefix_cache_hit(oai: openai.OpenAI, client: httpx.Client):
+    """A prompt no other test sends: nothing cached the first time; the second time, every
+    whole 16-token page but the one holding the last token (which must be computed)."""
+    prompt = "Cached-token accounting: " + " ".join(f"item{i}" for i in range(30))
+    num_prompt_tokens = client.post("/tokenize", json={"prompt": prompt}).json()["count"]
+    first, second = (greedy(oai, prompt, max_tokens=1).usage for _ in range(2))
+    assert first.prompt_tokens_details.cached_tokens == 0
+    expected = (num_prompt_tokens - 1) // 16 * 16
+    assert expected >= 32
+    assert second.prompt_tokens_details.cached_tokens == expected
 
 
 def test_model_may_be_omitted(client: httpx.Client):
