@@ -131,6 +131,13 @@ class ChatMessage(APIModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @property
+    def num_chars(self) -> int:
+        """Characters of content: the prompt rendered from this message holds at least these."""
+        if isinstance(self.content, list):
+            return sum(len(part.text) for part in self.content)
+        return len(self.content or "")
+
     def for_template(self) -> dict[str, Any]:
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
         message = self.model_dump(exclude_none=True)
