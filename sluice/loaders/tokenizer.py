@@ -308,8 +308,12 @@ class Tokenizer:
         content is encoded as text, so a user cannot close their turn and forge a system one,
         unless `allow_special_tokens_in_content`. Ordinary content encodes exactly as the whole
         rendered prompt does. Raises InvalidParameterError("messages") for content that holds
-        special-token text where the template does not copy content verbatim.
+        special-token text where the template does not copy content verbatim. Invalid Unicode in a
+        message's content is an InvalidParameterError naming it, `messages[i].content`.
         """
+        for index, message in enumerate(messages):
+            for path, content in _content_texts(message.get("content")):
+                check_unicode(content, f"messages[{index}].content{path}")
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         check_unicode(text)
         # The template already writes any BOS it wants; do not add a second one.
@@ -345,7 +349,8 @@ class Tokenizer:
         for index, message in enumerate(messages):
             content = message.get("content")
             if isinstance(content, str) and any(
-                self.is_special(t) for t in self._backend.encode(content, False).ids
+                self.is_special(t)
+                for t in self._backend.encode(content, add_special_tokens=False).ids
             ):
                 raise InvalidParameterError(
                     "messages",
@@ -423,8 +428,8 @@ class Tokenizer:
         return frozenset(ids)
 
 
-def check_unicode(text: str) -> None:
-    """InvalidParameterError("prompt") naming the first lone surrogate (like "\\ud800", which JSON
+def check_unicode(text: str, param: str = "prompt") -> None:
+    """InvalidParameterError(`param`) naming the first lone surrogate (like "\\ud800", which JSON
     can carry but no UTF-8 text can) and where it is; the tokenizer would raise a bare TypeError."""
     if text.isascii():
         return
@@ -432,10 +437,20 @@ def check_unicode(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise InvalidParameterError(
-            "prompt",
+            param,
             f"the text is not valid Unicode: a lone surrogate U+{ord(text[error.start]):04X} "
             f"at character {error.start}",
         ) from None
+
+
+def _content_texts(content: Any) -> Iterable[tuple[str, str]]:
+    """(path, text) of a message's content: one string, or OpenAI's text parts."""
+    if isinstance(content, str):
+        yield "", content
+    elif isinstance(content, list):
+        for index, part in enumerate(content):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield f"[{index}].text", part["text"]
 
 
 def _read(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

@@ -284,7 +284,7 @@ def _named(param: str) -> Iterator[None]:
     try:
         yield
     except InvalidParameterError as exc:
-        if exc.param == param:
+        if exc.param != "prompt" or param == "prompt":
             raise
         raise InvalidParameterError(param, str(exc)) from exc
 
