@@ -86,7 +86,15 @@ def start_server(log_path: Path, *args: str, api_key: str | None = None) -> Serv
         "--port",
         str(port),
     ]
-    command += ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-gb", "0.25", *args]
+    # No torch.compile: the compiled step has tests of its own, and compiling costs a minute.
+    command += [
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--kv-cache-memory-gb",
+        "0.25",
+        "--no-compile",
+    ]
+    command += args
     if api_key:
         command += ["--api-key", api_key]
     with log_path.open("wb") as log:
