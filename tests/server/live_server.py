@@ -51,7 +51,8 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Samples by name, labelled ones as `name{label="value"}`."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30.0).text
+        with self.http() as http:  # with the key: `--auth-all-endpoints` may guard /metrics
+            text = http.get("/metrics").text
         return {
             _sample_key(sample.name, sample.labels): sample.value
             for family in text_string_to_metric_families(text)
