@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes",
         type=int,
         default=None,
-        help="answer 413 to a request body larger than this (default: 64 bytes per token of "
-        "the context window, at least 4 MiB)",
+        help="answer 413 to a request body larger than this (default: 16 bytes per token of "
+        "the context window, at least 1 MiB)",
     )
     serve.add_argument(
         "--auth-all-endpoints",

@@ -13,6 +13,7 @@ both where it departs from llama.cpp and from the model's own tokenizer.json:
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -338,7 +339,7 @@ class Tokenizer:
         in_template = [
             (start, end, token_id)
             for start, end, token_id in special
-            if not any(lo < end and start < hi for lo, hi in spans)
+            if not _overlaps_any(start, end, spans)
         ]
         if len(in_template) == len(special):
             return encoding.ids
@@ -441,6 +442,13 @@ def check_unicode(text: str, param: str = "prompt") -> None:
             f"the text is not valid Unicode: a lone surrogate U+{ord(text[error.start]):04X} "
             f"at character {error.start}",
         ) from None
+
+
+def _overlaps_any(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether [start, end) overlaps one of `spans`, which are sorted and do not overlap: a binary
+    search, so that a conversation of many messages costs no more than its length."""
+    index = bisect.bisect_right(spans, start, key=lambda span: span[1])
+    return index < len(spans) and spans[index][0] < end
 
 
 def _content_texts(content: Any) -> Iterable[tuple[str, str]]:
