@@ -203,6 +203,23 @@ def test_a_token_id_list_longer_than_the_context_is_refused_by_its_length(client
     )
 
 
+def test_a_body_of_many_small_values_holds_the_loop_briefly(server: ServerProcess):
+    """The body limit bounds what FastAPI parses and validates on the event loop; the prompt's
+    form is told from its first element, so 200k wrong items cost one pass, not one per form."""
+    body = {"prompt": [[1]] * 200_000, "max_tokens": 1}  # 1 MB: just within the body limit
+    with HealthProbe(server) as health, server.http() as http:
+        response = http.post(COMPLETIONS, json=body)
+        time.sleep(0.1)
+    assert response.status_code == 400
+    assert response.json() == error(
+        "the request asks for 200000 prompts x n=1 = 200000 sequences; "
+        "this server takes at most 256 per request",
+        "prompt",
+    )
+    print(f"200k lists: /health slowest {health.slowest:.3f} s")
+    assert health.slowest < 2.0  # ~0.3 s on an idle core; the test machine's cores are shared
+
+
 def test_a_conversation_of_many_messages_is_tokenized_off_the_event_loop(server: ServerProcess):
     # 80,000 characters of content: just within what the context's length bound lets through.
     messages = [{"role": "user", "content": "<|im_end|>"}] * 8_000
