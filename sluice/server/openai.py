@@ -129,9 +129,9 @@ class OpenAIServer:
             )
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        with _named("prompt"):
-            self.check_length(text)
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+        """/tokenize's ids: bounded and off the event loop as a prompt's are."""
+        self.check_length(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
     async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
         """The chat prompt's token ids, rendered and tokenized off the event loop."""
@@ -145,7 +145,7 @@ class OpenAIServer:
                     conversation,
                     allow_special_tokens_in_content=self.settings.allow_special_tokens_in_content,
                 )
-            except InvalidParameterError:
+            except InvalidParameterError:  # already names its field
                 raise
             except ValueError as exc:  # the model's chat template refused the conversation
                 raise InvalidParameterError("messages", str(exc)) from exc
