@@ -348,16 +348,14 @@ class Tokenizer:
     def _refuse_special_content(self, messages: list[dict[str, Any]], ids: list[int]) -> list[int]:
         """When contents cannot be located in the prompt, one holding special tokens is refused."""
         for index, message in enumerate(messages):
-            content = message.get("content")
-            if isinstance(content, str) and any(
-                self.is_special(t)
-                for t in self._backend.encode(content, add_special_tokens=False).ids
-            ):
-                raise InvalidParameterError(
-                    "messages",
-                    f"messages[{index}].content holds special-token text, which this model's "
-                    "chat template does not let sluice keep apart from its own",
-                )
+            for path, content in _content_texts(message.get("content")):
+                content_ids = self._backend.encode(content, add_special_tokens=False).ids
+                if any(self.is_special(token_id) for token_id in content_ids):
+                    raise InvalidParameterError(
+                        "messages",
+                        f"messages[{index}].content{path} holds special-token text, which this "
+                        "model's chat template does not let sluice keep apart from its own",
+                    )
         return ids
 
     def _encode_special_as_text(self, text: str, kept: list[tuple[int, int, int]]) -> list[int]:
