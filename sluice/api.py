@@ -163,11 +163,16 @@ class LLM:
             self._outboxes.pop(request_id, None)
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
-    """The prompt that asks the model to answer the last of `messages`."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # The template already writes any BOS it wants; do not add a second one.
-    return tokenizer.encode(text, add_special_tokens=False)
+def chat_prompt_ids(
+    tokenizer: Tokenizer, messages: list[Message], allow_special_tokens_in_content: bool = False
+) -> list[int]:
+    """The prompt that asks the model to answer the last of `messages`; special-token text in
+    their content is encoded as text unless `allow_special_tokens_in_content`."""
+    return tokenizer.encode_chat(
+        messages,
+        add_generation_prompt=True,
+        allow_special_tokens_in_content=allow_special_tokens_in_content,
+    )
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -10,6 +10,7 @@ import sys
 
 from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import SamplingParams
+from sluice.server.limits import DEFAULT_MAX_SEQUENCES_PER_REQUEST
 
 
 def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = True) -> None:
@@ -134,7 +135,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from sluice.server.runner import bind, serve
+
+    try:  # before the model loads: a busy port fails in a second, not after a minute
+        sock = bind(args.host, args.port)
+    except OSError as error:
+        print(f"sluice: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
 
     from sluice.config import EngineConfig
     from sluice.engine.async_engine import AsyncEngine
@@ -143,14 +150,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = EngineConfig.create(**engine_kwargs(args))
     engine = AsyncEngine(lambda: Engine(config))
-    settings = ServerSettings(served_model_name(args.model), args.api_key, args.max_queue)
-    config = uvicorn.Config(
-        create_app(engine, settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=args.shutdown_timeout,
+    settings = ServerSettings(
+        served_model_name(args.model),
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        max_sequences_per_request=args.max_sequences_per_request,
+        max_body_bytes=args.max_body_bytes,
+        auth_all_endpoints=args.auth_all_endpoints,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
     )
+    app = create_app(engine, settings)
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again for its
     # default effect (death by signal); by then the shutdown is complete, so exit cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -158,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"sluice: serving {settings.model_name} at http://{args.host}:{args.port}", file=sys.stderr
     )
-    uvicorn.Server(config).run()
+    serve(app, sock, args.log_level.lower(), args.shutdown_timeout)
     return 0
 
 
@@ -215,13 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=None,
-        help="answer 503 while this many requests wait for the engine (default: no bound)",
+        help="answer 503 to a request whose sequences (prompts x n) would bring the number "
+        "waiting for the engine past this (default: no bound)",
+    )
+    serve.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+        help="answer 400 to a request of more sequences (prompts x n) than this "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="answer 413 to a request body larger than this (default: 16 bytes per token of "
+        "the context window, at least 1 MiB)",
+    )
+    serve.add_argument(
+        "--auth-all-endpoints",
+        action="store_true",
+        help="require the API key on /metrics, /version, /docs, /redoc and /openapi.json too "
+        "(/health stays open for probes)",
+    )
+    serve.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="let special-token text in chat messages (like <|im_start|>) become control tokens; "
+        "by default it is encoded as text, so a user cannot forge another role's turn",
     )
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
-        help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
+        help="seconds in-flight requests get to finish on SIGTERM; then each stream ends with "
+        "an error event and [DONE], each waiting request with a 503",
     )
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 # Below this a temperature is greedy: dividing logits by it overflows float32 (vLLM does the same).
 GREEDY_TEMPERATURE = 1e-5
-_MAX_SEED = 2**63 - 129  # `n` samples use seeds seed..seed+127, and torch takes int64 seeds
+_SEED_RANGE = 2**63  # seeds are int64s >= 0, as the API's `seed` is
 _MAX_TOP_K = 2**31 - 1
+# A repetition penalty divides or multiplies logits. Past these bounds it has long made the
+# repeated tokens certain or impossible, and near 0 it underflows float32 (1e-40 becomes 0).
+_REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 class InvalidParameterError(ValueError):
@@ -41,10 +44,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids")
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -84,9 +85,12 @@ class SamplingParams:
             ),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
             (
-                _finite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+                _finite(self.repetition_penalty)
+                and _REPETITION_PENALTY_RANGE[0]
+                <= self.repetition_penalty
+                <= _REPETITION_PENALTY_RANGE[1],
                 "repetition_penalty",
-                "must be a finite number > 0",
+                "must be in [{}, {:g}]".format(*_REPETITION_PENALTY_RANGE),
             ),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
@@ -97,9 +101,9 @@ class SamplingParams:
                 "must be in [0, 20]",
             ),
             (
-                self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= _MAX_SEED),
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_RANGE),
                 "seed",
-                f"must be an integer in [0, {_MAX_SEED}]",
+                f"must be an integer in [0, {_SEED_RANGE - 1}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (
@@ -113,9 +117,21 @@ class SamplingParams:
                 raise InvalidParameterError(param, f"{param} {why}, got {getattr(self, param)!r}")
 
     def for_sample(self, index: int) -> SamplingParams:
-        """The params of the index-th of `n` samples: one sequence each, distinct seeds."""
-        seed = None if self.seed is None else self.seed + index
+        """The params of the index-th of `n` samples: one sequence each, distinct seeds (wrapping
+        round, so that every valid seed has `n` valid successors)."""
+        seed = None if self.seed is None else (self.seed + index) % _SEED_RANGE
         return SamplingParams(**{**self.__dict__, "n": 1, "seed": seed})
+
+
+def _as_list(value: object, param: str, expected: str) -> list:
+    """A list of the values given one (a str) or many; InvalidParameterError for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidParameterError(param, f"{param} must be {expected}, got {value!r}")
+    return list(value)
 
 
 def _finite(value: object) -> bool:

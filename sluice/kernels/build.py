@@ -27,6 +27,10 @@ from torch.utils import cpp_extension
 logger = logging.getLogger(__name__)
 
 _SOURCES = Path(__file__).parent
+_BUILD_TIMEOUT_S = 300
+# Libraries being built are named so; one older than a build may take was left by a build that was
+# killed (SIGKILL, a power cut: no `finally` ran) and is swept by the next build.
+_PARTIAL_SUFFIX = ".so.partial"
 
 
 def cache_dir() -> Path:
@@ -76,12 +80,18 @@ def _build(source: Path, library: Path) -> None:
     logger.info("compiling the %s kernels for this CPU (once, about 10 s)", source.stem)
     start = time.perf_counter()
     library.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_partial_builds(library.parent)
     # Build under a temporary name and rename: processes starting together never load half a file.
-    fd, temporary = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    fd, temporary = tempfile.mkstemp(
+        prefix=f"{library.stem}-", suffix=_PARTIAL_SUFFIX, dir=library.parent
+    )
     os.close(fd)
     try:
         done = subprocess.run(
-            _compile_command(source, Path(temporary)), capture_output=True, text=True, timeout=300
+            _compile_command(source, Path(temporary)),
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
         )
         if done.returncode != 0:
             raise RuntimeError(f"compiler exited with {done.returncode}: {done.stderr[-2000:]}")
@@ -90,6 +100,16 @@ def _build(source: Path, library: Path) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
     logger.info("compiled %s in %.1f s", library.name, time.perf_counter() - start)
+
+
+def _sweep_partial_builds(folder: Path) -> None:
+    stale_before = time.time() - 2 * _BUILD_TIMEOUT_S  # a live build has finished by then
+    for partial in folder.glob(f"*{_PARTIAL_SUFFIX}"):
+        try:
+            if partial.stat().st_mtime < stale_before:
+                partial.unlink()
+        except FileNotFoundError:  # another process swept it first
+            pass
 
 
 def _compile_command(source: Path, output: Path) -> list[str]:

@@ -8,6 +8,7 @@ byte-for-byte what `tokenizer.apply_chat_template(..., tokenize=False)` renders.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -24,6 +25,11 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Stands in for message `i`'s content while finding where the template puts it: Unicode
+# noncharacters, which are meant for such internal use and which no template writes.
+_CONTENT_MARK = "\ufdd0{}\ufdd1"
+_CONTENT_MARKS = re.compile("\ufdd0(\\d+)\ufdd1")
 
 # Older names a message's reasoning arrives under; templates read `reasoning_content`, gpt-oss
 # templates read `thinking`.
@@ -54,6 +60,40 @@ def render_chat_template(
         )
     except jinja2.TemplateError as error:
         raise ValueError(f"chat template error: {error}") from error
+
+
+def content_spans(
+    template: str, messages: list[dict[str, Any]], rendered: str, **kwargs: Any
+) -> list[tuple[int, int]] | None:
+    """Where in `rendered` (what `render_chat_template(template, messages, **kwargs)` made) each
+    message's content text lies, in order; None when the template does not copy contents as they
+    are (it trims, splits or inspects them), so that they cannot be told apart from its own text.
+
+    The template is rendered a second time with a mark in place of each content; putting the
+    contents back where the marks are must give `rendered` exactly.
+    """
+    contents = [_normalize_message(message).get("content") for message in messages]
+    marked = [
+        {**message, "content": _CONTENT_MARK.format(index)} if isinstance(content, str) else message
+        for index, (message, content) in enumerate(zip(messages, contents, strict=True))
+    ]
+    try:
+        skeleton = render_chat_template(template, marked, **kwargs)
+    except ValueError:  # the template refused a mark where it took the content
+        return None
+    pieces = _CONTENT_MARKS.split(skeleton)  # template text, index, template text, ...
+    spans, rebuilt, position = [], [], 0
+    for number, piece in enumerate(pieces):
+        if number % 2 == 0:
+            text = piece
+        elif int(piece) < len(contents) and isinstance(contents[int(piece)], str):
+            text = contents[int(piece)]
+            spans.append((position, position + len(text)))
+        else:  # a mark that came in some other field's text
+            return None
+        rebuilt.append(text)
+        position += len(text)
+    return spans if "".join(rebuilt) == rendered else None
 
 
 def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:

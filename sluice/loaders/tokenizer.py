@@ -13,6 +13,8 @@ both where it departs from llama.cpp and from the model's own tokenizer.json:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import logging
 import re
@@ -24,7 +26,12 @@ import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat_template
+from sluice.loaders.chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    content_spans,
+    render_chat_template,
+)
+from sluice.sampling_params import InvalidParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,11 @@ _END_OF_GENERATION_TOKENS = frozenset(
 )
 
 _SPACE_MARK = "\u2581"  # SentencePiece's visible space, "▁"
+# Stands in for a special token of the template's own while text around it is encoded with
+# special-token strings spelled out: a Unicode noncharacter, for internal use.
+_SPECIAL_MARK = "\ufdd2{}\ufdd3"
+# How much a normalizer (NFC composing accents or Hangul jamo, ...) may shorten a text, at most.
+_NORMALIZER_SHRINK = 4
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -238,8 +250,21 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds the bos/eos the model file asks for.
-        Special-token strings in `text` (like `<|im_start|>`) become their single ids."""
+        Special-token strings in `text` (like `<|im_start|>`) become their single ids. Raises
+        InvalidParameterError("prompt") for text that is not valid Unicode."""
+        check_unicode(text)
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def max_chars(self, num_tokens: int) -> int:
+        """A text longer than this has more than `num_tokens` tokens, whatever it holds: no token
+        stands for more characters than the longest token has bytes. Lets a caller refuse a huge
+        text without the time it takes to tokenize it."""
+        return num_tokens * self._max_token_bytes
+
+    @functools.cached_property
+    def _max_token_bytes(self) -> int:
+        longest = max(len(self.token_bytes(token_id)) for token_id in range(self.vocab_size))
+        return longest * (_NORMALIZER_SHRINK if self._backend.normalizer is not None else 1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -271,20 +296,122 @@ class Tokenizer:
         part of a multi-byte character shows as U+FFFD; `token_bytes` gives its exact bytes."""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        allow_special_tokens_in_content: bool = False,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of the chat prompt for `messages` (see `apply_chat_template`).
+
+        Only the template's own text becomes special tokens: `<|im_end|>` written in a message's
+        content is encoded as text, so a user cannot close their turn and forge a system one,
+        unless `allow_special_tokens_in_content`. Ordinary content encodes exactly as the whole
+        rendered prompt does. Raises InvalidParameterError("messages") for content that holds
+        special-token text where the template does not copy content verbatim. Invalid Unicode in a
+        message's content is an InvalidParameterError naming it, `messages[i].content`.
+        """
+        for index, message in enumerate(messages):
+            for path, content in _content_texts(message.get("content")):
+                check_unicode(content, f"messages[{index}].content{path}")
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        check_unicode(text)
+        # The template already writes any BOS it wants; do not add a second one.
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        special = [
+            (start, end, token_id)
+            for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+            if self.is_special(token_id)
+        ]
+        if allow_special_tokens_in_content or not special:
+            return encoding.ids
+        spans = content_spans(
+            self._chat_template or DEFAULT_CHAT_TEMPLATE,
+            messages,
+            text,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self._special_token_names(),
+            **kwargs,
+        )
+        if spans is None:
+            return self._refuse_special_content(messages, encoding.ids)
+        in_template = [
+            (start, end, token_id)
+            for start, end, token_id in special
+            if not _overlaps_any(start, end, spans)
+        ]
+        if len(in_template) == len(special):
+            return encoding.ids
+        return self._encode_special_as_text(text, in_template)
+
+    def _refuse_special_content(self, messages: list[dict[str, Any]], ids: list[int]) -> list[int]:
+        """When contents cannot be located in the prompt, one holding special tokens is refused."""
+        for index, message in enumerate(messages):
+            for path, content in _content_texts(message.get("content")):
+                content_ids = self._backend.encode(content, add_special_tokens=False).ids
+                if any(self.is_special(token_id) for token_id in content_ids):
+                    raise InvalidParameterError(
+                        "messages",
+                        f"messages[{index}].content{path} holds special-token text, which this "
+                        "model's chat template does not let sluice keep apart from its own",
+                    )
+        return ids
+
+    def _encode_special_as_text(self, text: str, kept: list[tuple[int, int, int]]) -> list[int]:
+        """Ids of `text` with special-token strings encoded as text, but for the occurrences in
+        `kept` (start, end, id), which stay special tokens. One encode call, so the text between
+        them tokenizes as it would around real special tokens."""
+        if "\ufdd2" in text:
+            raise InvalidParameterError("messages", "the text holds U+FDD2, which sluice reserves")
+        marked, position = [], 0
+        for start, end, token_id in kept:
+            marked += [text[position:start], _SPECIAL_MARK.format(token_id)]
+            position = end
+        marked.append(text[position:])
+        backend, mark_ids = self._special_as_text_backend
+        ids = backend.encode("".join(marked), add_special_tokens=False).ids
+        return [mark_ids.get(token_id, token_id) for token_id in ids]
+
+    @functools.cached_property
+    def _special_as_text_backend(self) -> tuple[BackendTokenizer, dict[int, int]]:
+        """A copy of the tokenizer that spells special tokens out as text, with a mark per special
+        token (matched as the token is: same stripping) and a map from marks' ids to tokens'."""
+        backend = BackendTokenizer.from_str(self._backend.to_str())
+        backend.encode_special_tokens = True
+        specials = {i: token for i, token in self._added_tokens.items() if token.special}
+        backend.add_tokens(
+            [
+                AddedToken(
+                    _SPECIAL_MARK.format(token_id),
+                    single_word=token.single_word,
+                    lstrip=token.lstrip,
+                    rstrip=token.rstrip,
+                    normalized=token.normalized,
+                    special=False,
+                )
+                for token_id, token in specials.items()
+            ]
+        )
+        mark_ids = {backend.token_to_id(_SPECIAL_MARK.format(i)): i for i in specials}
+        return backend, mark_ids
+
+    def _special_token_names(self) -> dict[str, str]:
+        return {
+            role: self._backend.id_to_token(token_id)
+            for role, token_id in self._special_token_ids.items()
+        }
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         """The prompt for `messages`, rendered with the model's template (or ChatML if it has
         none). `kwargs` become template variables, e.g. `tools` or `enable_thinking`."""
-        special_tokens = {
-            role: self._backend.id_to_token(token_id)
-            for role, token_id in self._special_token_ids.items()
-        }
         return render_chat_template(
             self._chat_template or DEFAULT_CHAT_TEMPLATE,
             messages,
             add_generation_prompt=add_generation_prompt,
-            special_tokens=special_tokens,
+            special_tokens=self._special_token_names(),
             **kwargs,
         )
 
@@ -298,6 +425,38 @@ class Tokenizer:
             if token.special and token.content in _END_OF_GENERATION_TOKENS
         )
         return frozenset(ids)
+
+
+def check_unicode(text: str, param: str = "prompt") -> None:
+    """InvalidParameterError(`param`) naming the first lone surrogate (like "\\ud800", which JSON
+    can carry but no UTF-8 text can) and where it is; the tokenizer would raise a bare TypeError."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidParameterError(
+            param,
+            f"the text is not valid Unicode: a lone surrogate U+{ord(text[error.start]):04X} "
+            f"at character {error.start}",
+        ) from None
+
+
+def _overlaps_any(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether [start, end) overlaps one of `spans`, which are sorted and do not overlap: a binary
+    search, so that a conversation of many messages costs no more than its length."""
+    index = bisect.bisect_right(spans, start, key=lambda span: span[1])
+    return index < len(spans) and spans[index][0] < end
+
+
+def _content_texts(content: Any) -> Iterable[tuple[str, str]]:
+    """(path, text) of a message's content: one string, or OpenAI's text parts."""
+    if isinstance(content, str):
+        yield "", content
+    elif isinstance(content, list):
+        for index, part in enumerate(content):
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield f"[{index}].text", part["text"]
 
 
 def _read(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

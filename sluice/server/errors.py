@@ -6,6 +6,7 @@ into that shape too, so a client needs to read only one kind of error.
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi import FastAPI, Request
@@ -51,9 +52,17 @@ def error_body(
 
 def error_response(error: APIError) -> JSONResponse:
     body = error_body(error.status, error.message, error.param, error.code)
-    return JSONResponse(
+    return _ASCIIJSONResponse(
         body.model_dump(mode="json"), status_code=error.status, headers=error.headers
     )
+
+
+class _ASCIIJSONResponse(JSONResponse):
+    """Messages may quote what the client sent, lone surrogates included, which UTF-8 cannot
+    carry: JSON's `\\u` escapes can."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 def as_api_error(exc: Exception) -> APIError:

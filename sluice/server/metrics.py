@@ -190,11 +190,12 @@ class RequestTracker:
             if self._num_finished == self._num_samples:
                 self._metrics.e2e_latency.observe(now - self._arrival)
 
-    def close(self) -> None:
-        """The request ended: samples that did not finish were aborted (e.g. the client left)."""
-        aborted = self._num_samples - self._num_finished
-        if aborted:
-            self._metrics.finished.labels(FinishReason.ABORT.value).inc(aborted)
+    def close(self, aborted: bool = True) -> None:
+        """The request ended: samples that did not finish were aborted (e.g. the client left),
+        unless the engine refused the request before running any of them (`aborted=False`)."""
+        num_aborted = self._num_samples - self._num_finished
+        if aborted and num_aborted:
+            self._metrics.finished.labels(FinishReason.ABORT.value).inc(num_aborted)
 
     def _first_output(self, out: RequestOutput, now: float) -> None:
         self._metrics.time_to_first_token.observe(now - self._arrival)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: `create_app(engine, settings)` builds the FastAPI app.
 
-Generation runs in the AsyncEngine's thread; the event loop only validates requests and moves
-tokens, so requests that arrive together are batched by the engine's scheduler.
+Generation runs in the AsyncEngine's thread and tokenization in worker threads; the event loop
+only validates requests and moves tokens, so requests that arrive together are batched by the
+engine's scheduler and a big prompt never stalls the others.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sluice import __version__
@@ -25,8 +27,10 @@ from sluice.api import chat_prompt_ids
 from sluice.engine.async_engine import AsyncEngine
 from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.server.body_limit import BodyLimitMiddleware
 from sluice.server.errors import APIError, install_error_handlers
 from sluice.server.generation import Generation, GenerationQueue
+from sluice.server.limits import DEFAULT_MAX_SEQUENCES_PER_REQUEST, default_max_body_bytes
 from sluice.server.metrics import ServerMetrics
 from sluice.server.protocol import (
     ChatCompletionRequest,
@@ -54,12 +58,20 @@ from sluice.server.responses import (
     stream_events,
 )
 
+SHUTTING_DOWN = APIError(503, "the server is shutting down", code="server_shutting_down")
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str
     api_key: str | None = None  # None: no authentication
-    max_queue: int | None = None  # None: no bound on requests waiting for the engine
+    max_queue: int | None = None  # None: no bound on sequences waiting for the engine
+    max_sequences_per_request: int = DEFAULT_MAX_SEQUENCES_PER_REQUEST
+    max_body_bytes: int | None = None  # None: default_max_body_bytes(max_model_len)
+    # Whether /metrics, /version and the API docs need the key too (/health never does).
+    auth_all_endpoints: bool = False
+    # Whether special-token text inside chat message content becomes control tokens.
+    allow_special_tokens_in_content: bool = False
 
 
 def served_model_name(model: str | None) -> str:
@@ -77,7 +89,12 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.metrics = ServerMetrics(engine.engine)
-        self.generations = GenerationQueue(engine, self.metrics, settings.max_queue)
+        self.generations = GenerationQueue(
+            engine, self.metrics, settings.max_queue, settings.max_sequences_per_request
+        )
+        self.max_body_bytes = settings.max_body_bytes or default_max_body_bytes(self.max_model_len)
+        # Text longer than this cannot fit the context window (computed once, here, not on the loop).
+        self.max_prompt_chars = self.tokenizer.max_chars(self.max_model_len)
         self.started = int(time.time())
 
     def check_model(self, model: str | None) -> None:
@@ -101,18 +118,64 @@ class OpenAIServer:
                 "stream_options", "stream_options is only allowed with stream: true"
             )
 
-    def encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """Token ids of a prompt that fits the context; errors name `param`."""
-        try:
-            return self.engine.engine.encode_prompt(prompt)
-        except InvalidParameterError as exc:
-            raise InvalidParameterError(param, str(exc)) from exc
+    async def encode(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+        """Token ids of prompts that fit the context, tokenized off the event loop; errors name
+        `param`. What is plainly too long is refused before any tokenizing."""
+        with _named(param):
+            for prompt in prompts:
+                self.check_length(prompt)
+            return await asyncio.to_thread(
+                lambda: [self.engine.engine.encode_prompt(prompt) for prompt in prompts]
+            )
 
-    def render_chat(self, messages: list[ChatMessage]) -> list[int]:
-        try:
-            return chat_prompt_ids(self.tokenizer, [message.for_template() for message in messages])
-        except ValueError as exc:  # the model's chat template refused the conversation
-            raise InvalidParameterError("messages", str(exc)) from exc
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """/tokenize's ids: bounded and off the event loop as a prompt's are."""
+        self.check_length(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """The chat prompt's token ids, rendered and tokenized off the event loop."""
+        conversation = [message.for_template() for message in messages]
+        with _named("messages"):
+            self.check_length(sum(message.num_chars for message in messages))
+            try:
+                return await asyncio.to_thread(
+                    chat_prompt_ids,
+                    self.tokenizer,
+                    conversation,
+                    allow_special_tokens_in_content=self.settings.allow_special_tokens_in_content,
+                )
+            except InvalidParameterError:  # already names its field
+                raise
+            except ValueError as exc:  # the model's chat template refused the conversation
+                raise InvalidParameterError("messages", str(exc)) from exc
+
+    def check_length(self, prompt: str | list[int] | int) -> None:
+        """Refuse a prompt (text, token ids, or a count of characters) that cannot fit the
+        context window, from its length alone: before any per-token work."""
+        if isinstance(prompt, list):
+            if len(prompt) >= self.max_model_len:
+                raise InvalidParameterError(
+                    "prompt",
+                    f"prompt has {len(prompt)} tokens but the context window is "
+                    f"{self.max_model_len} tokens (at least one must be left to generate)",
+                )
+            return
+        num_chars = prompt if isinstance(prompt, int) else len(prompt)
+        if num_chars > self.max_prompt_chars:
+            raise InvalidParameterError(
+                "prompt",
+                f"prompt has {num_chars} characters, more than the context window of "
+                f"{self.max_model_len} tokens can hold (at most {self.max_prompt_chars}: no "
+                f"token of this model stands for more than "
+                f"{self.max_prompt_chars // self.max_model_len} characters)",
+            )
+
+    async def shut_down_after(self, grace: float) -> None:
+        """At the end of the grace period, end whatever still generates: each stream gets an
+        error event and `[DONE]`, each waiting request a 503. New requests get a 503 at once."""
+        await asyncio.sleep(grace)
+        self.generations.close(SHUTTING_DOWN)
 
     def max_tokens(
         self, limit: int | None, explicit: bool, prompts: list[list[int]], param: str
@@ -161,10 +224,23 @@ class OpenAIServer:
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="sluice", version=__version__, lifespan=_lifespan)
-    app.state.server = OpenAIServer(engine, settings)
+    server = OpenAIServer(engine, settings)
+    # The docs routes are ours (docs_routes), so that they can be put behind the key.
+    app = FastAPI(
+        title="sluice",
+        version=__version__,
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.server = server
     install_error_handlers(app)
-    app.include_router(open_routes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.max_body_bytes)
+    protected = [Depends(_check_api_key)] if settings.auth_all_endpoints else []
+    app.include_router(health_routes)
+    app.include_router(open_routes, dependencies=protected)
+    app.include_router(docs_routes, dependencies=protected)
     app.include_router(api_routes)
     return app
 
@@ -172,10 +248,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    # uvicorn gets here after in-flight responses have finished, or were cancelled at its
-    # graceful-shutdown timeout; abort whatever the engine still runs, then stop its thread.
+    # uvicorn gets here after in-flight responses have finished, or were ended by
+    # `shut_down_after`; abort whatever the engine still runs, then stop its thread.
     server: OpenAIServer = app.state.server
-    server.generations.cancel_all()
+    server.generations.close(SHUTTING_DOWN)
     await asyncio.to_thread(server.engine.shutdown)
 
 
@@ -202,6 +278,17 @@ async def _cancel_when_disconnected(request: Request, generation: Generation) ->
     while (await request.receive())["type"] != "http.disconnect":
         pass
     generation.cancel()
+
+
+@contextmanager
+def _named(param: str) -> Iterator[None]:
+    """Errors about the prompt are about the request field it came in (`prompt`, `messages`)."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        if exc.param != "prompt" or param == "prompt":
+            raise
+        raise InvalidParameterError(param, str(exc)) from exc
 
 
 @contextmanager
@@ -247,11 +334,14 @@ _STREAMED = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream` SSE chunks"}
 }
 
-open_routes = APIRouter(responses={503: {"model": ErrorResponse}})
+health_routes = APIRouter(responses={503: {"model": ErrorResponse}})
+# Open unless `auth_all_endpoints`.
+open_routes = APIRouter(responses={401: {"model": ErrorResponse}})
+docs_routes = APIRouter(include_in_schema=False)
 api_routes = APIRouter(dependencies=[Depends(_check_api_key)], responses=_ERRORS)
 
 
-@open_routes.get("/health")
+@health_routes.get("/health")
 async def health(server: Server) -> HealthResponse:
     if not server.engine.is_alive:
         raise APIError(503, "the engine has stopped", code="engine_dead")
@@ -269,6 +359,21 @@ async def version() -> VersionResponse:
     return VersionResponse(version=__version__)
 
 
+@docs_routes.get("/openapi.json")
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@docs_routes.get("/docs")
+async def swagger_ui() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="sluice API")
+
+
+@docs_routes.get("/redoc")
+async def redoc() -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title="sluice API")
+
+
 @api_routes.get("/v1/models")
 async def list_models(server: Server) -> ModelList:
     card = ModelCard(
@@ -281,7 +386,8 @@ async def list_models(server: Server) -> ModelList:
 async def create_completion(body: CompletionRequest, request: Request, server: Server) -> Response:
     server.check_generation_request(body)
     raw_prompts = body.prompts()
-    prompts = [server.encode(prompt, "prompt") for prompt in raw_prompts]
+    server.generations.check_size(len(raw_prompts), body.n)
+    prompts = await server.encode(raw_prompts, "prompt")
     explicit = body.was_given("max_tokens")
     max_tokens = server.max_tokens(body.max_tokens, explicit, prompts, "max_tokens")
     params = body.sampling_params(max_tokens, body.logprobs)
@@ -301,7 +407,8 @@ async def create_chat_completion(
     server.check_generation_request(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
-    prompt = server.encode(server.render_chat(body.messages), "messages")
+    server.generations.check_size(1, body.n)
+    (prompt,) = await server.encode([await server.render_chat(body.messages)], "messages")
     max_tokens = server.max_tokens(body.requested_max_tokens, True, [prompt], body.max_tokens_param)
     with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
         params = body.sampling_params(max_tokens, body.num_logprobs)
@@ -316,9 +423,9 @@ async def tokenize(body: TokenizeRequest, server: Server) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParameterError("prompt", "give either `prompt` or `messages`")
     if body.messages is not None:
-        tokens = server.render_chat(body.messages)
+        tokens = await server.render_chat(body.messages)
     else:
-        tokens = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await server.tokenize(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=server.max_model_len, tokens=tokens)
 
 

@@ -7,9 +7,9 @@ than silently return something other than what the client asked for.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from sluice.sampling_params import InvalidParameterError, SamplingParams
 
@@ -17,6 +17,33 @@ from sluice.sampling_params import InvalidParameterError, SamplingParams
 _INT64 = {"ge": -(2**63), "lt": 2**63}
 
 FinishReasonName = Literal["stop", "length", "abort"]
+
+
+def _prompt_form(value: Any) -> str | None:
+    """Which form of prompt `value` is, from its first element: validating it against that form
+    only, not every form in turn, keeps a huge wrong list from costing a validation error per
+    element per form, all on the event loop."""
+    if isinstance(value, str):
+        return "str"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    return {str: "list[str]", list: "list[list[int]]"}.get(type(first), "list[int]")
+
+
+# Tags named as pydantic names union members, which error locations leave out (errors.py).
+Prompt = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list[str]")]
+    | Annotated[list[int], Tag("list[int]")]
+    | Annotated[list[list[int]], Tag("list[list[int]]")],
+    Discriminator(
+        _prompt_form,
+        custom_error_type="prompt_type",
+        custom_error_message="must be a string, a list of strings, a list of token ids or a "
+        "list of lists of token ids",
+    ),
+]
 
 
 class APIModel(BaseModel):
@@ -95,7 +122,7 @@ class GenerationRequest(RequestModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int = 16  # OpenAI's default; chat's is whatever room the context leaves
     logprobs: int | None = None
     echo: bool = False
@@ -130,6 +157,13 @@ class ChatMessage(APIModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @property
+    def num_chars(self) -> int:
+        """Characters of content: the prompt rendered from this message holds at least these."""
+        if isinstance(self.content, list):
+            return sum(len(part.text) for part in self.content)
+        return len(self.content or "")
 
     def for_template(self) -> dict[str, Any]:
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.

@@ -250,7 +250,7 @@ async def stream_events(
             yield _event(fmt.usage_chunk(meta, usage.usage()))
     except Exception as exc:  # the response has started: the error can only go in the stream
         error = as_api_error(exc)
-        if error.status >= 500:
+        if error is not exc and error.status >= 500:  # a failure, not a refusal to pass on
             logger.error("streaming %s failed", meta.id, exc_info=exc)
         yield _event(error_body(error.status, error.message, error.param, error.code))
     yield "data: [DONE]\n\n"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,10 @@ PROBE = (
     "from sluice.kernels import int4_cpu; from sluice.layers.quant import quantize; import torch;"
     "print(int4_cpu.available(), type(quantize(torch.randn(16, 64), 'int4')).__name__)"
 )
+
+
+# A fresh interpreter builds (or finds) one kernel library, one whose CPU needs every machine meets.
+BUILD = "from sluice.kernels import build; print(build.load('topk_cpu'))"
 
 
 def probe(tmp_path, **env: str) -> str:
@@ -60,3 +67,39 @@ def test_bad_operands_are_named() -> None:
         int4_cpu.linear(torch.randn(2, 64), weight.codes, weight.scale_offset, 32, 3)
     with pytest.raises(ValueError, match="layout 'packed'"):
         quantize(torch.randn(32, 64), "int4", layout="packed")  # type: ignore[arg-type]
+
+
+def partial_builds(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.so.partial"))
+
+
+def test_a_build_interrupted_midway_leaves_no_partial_library(tmp_path) -> None:
+    # A "compiler" that takes its time: the build is interrupted while it runs.
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text("#!/bin/sh\nsleep 60\n")
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    environment = {**os.environ, "SLUICE_CACHE_DIR": str(cache), "CXX": str(compiler)}
+    process = subprocess.Popen([sys.executable, "-c", BUILD], env=environment)
+    deadline = time.monotonic() + 120
+    while not partial_builds(cache) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert partial_builds(cache), "the build never started"
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert process.wait(timeout=60) != 0
+    assert partial_builds(cache) == [] and not list(cache.rglob("*.so"))
+
+
+def test_the_next_build_sweeps_what_a_killed_build_left(tmp_path) -> None:
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    stale = kernels / "int4_cpu-0123456789abcdef-killed.so.partial"  # SIGKILL: no cleanup ran
+    fresh = kernels / "int4_cpu-0123456789abcdef-running.so.partial"  # another build, running
+    for partial in (stale, fresh):
+        partial.write_bytes(b"half a library")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    environment = {**os.environ, "SLUICE_CACHE_DIR": str(tmp_path), "CXX": "/nonexistent/c++"}
+    done = subprocess.run([sys.executable, "-c", BUILD], env=environment, timeout=300)
+    assert done.returncode == 0
+    assert partial_builds(tmp_path) == [fresh]

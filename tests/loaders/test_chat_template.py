@@ -11,8 +11,9 @@ import transformers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
-from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat_template
+from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE, content_spans, render_chat_template
 from sluice.loaders.tokenizer import Tokenizer
+from sluice.sampling_params import InvalidParameterError
 
 QWEN3_STYLE = """\
 {%- if tools %}
@@ -288,3 +289,43 @@ def test_model_without_template_falls_back_to_chatml() -> None:
         "<|im_start|>assistant\n"
     )
     assert ours.apply_chat_template([USER], add_generation_prompt=False).endswith("<|im_end|>\n")
+
+
+TRIMMING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
+)
+CHATML_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+
+
+def test_content_spans_are_found_where_the_template_copies_content() -> None:
+    messages = [{"role": "user", "content": "a<|im_end|>"}, {"role": "user", "content": "b"}]
+    text = render_chat_template(DEFAULT_CHAT_TEMPLATE, messages)
+    spans = content_spans(DEFAULT_CHAT_TEMPLATE, messages, text)
+    assert [text[start:end] for start, end in spans] == ["a<|im_end|>", "b"]
+    assert spans == [
+        (text.index("a<"), text.index("a<") + 11),
+        (text.index("b<"), text.index("b<") + 1),
+    ]
+    # Trimmed, " b " is not in the prompt as it is in the message.
+    padded = [*messages[:1], {"role": "user", "content": " b "}]
+    trimmed = render_chat_template(TRIMMING_TEMPLATE, padded)
+    assert content_spans(TRIMMING_TEMPLATE, padded, trimmed) is None
+
+
+def test_forged_content_is_refused_where_the_template_rewrites_content() -> None:
+    backend = special_token_tokenizer(CHATML_TOKENS)
+    backend.add_special_tokens(list(CHATML_TOKENS.values()))
+    ids = {role: backend.token_to_id(token) for role, token in CHATML_TOKENS.items()}
+    ours = Tokenizer(backend, special_token_ids=ids, chat_template=TRIMMING_TEMPLATE)
+    ordinary = [{"role": "user", "content": " hi "}]
+    assert ours.encode_chat(ordinary) == ours.encode(
+        ours.apply_chat_template(ordinary), add_special_tokens=False
+    )
+    with pytest.raises(InvalidParameterError) as error:
+        ours.encode_chat([{"role": "user", "content": " <|im_end|> "}])
+    assert error.value.param == "messages"
+    assert str(error.value) == (
+        "messages[0].content holds special-token text, which this model's chat template does "
+        "not let sluice keep apart from its own"
+    )

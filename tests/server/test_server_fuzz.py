@@ -1,8 +1,10 @@
-"""Hypothesis-made bodies, plausible or not, never get a 5xx.
+"""Hypothesis-made bodies, plausible or not, never get a 5xx, on every route.
 
 Half the bodies are plausible (the right types, edge values included), so that about half the
 requests really generate; the rest have one field, known or unknown, set to any JSON, or are any
-JSON at all. `max_tokens` stays small so that what is accepted runs fast.
+JSON at all. Text is any Unicode, lone surrogates included: bodies travel as `ensure_ascii` JSON,
+whose `\\ud800` escapes carry what UTF-8 cannot. `max_tokens` stays small so that what is
+accepted runs fast.
 """
 
 from __future__ import annotations
@@ -13,38 +15,54 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_server import MODEL_NAME
+from live_server import MODEL_NAME, ServerProcess
 
 pytestmark = pytest.mark.slow
 
 FUZZ_SETTINGS = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,  # the same bodies every run: CI failures reproduce
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
+# Any code point, lone surrogates (category Cs) included, and often one for sure.
+CHARACTER = st.characters(codec=None, exclude_categories=())
+SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+
+
+def text(min_size: int = 0, max_size: int = 8) -> st.SearchStrategy[str]:
+    any_text = st.text(CHARACTER, min_size=min_size, max_size=max_size)
+    with_a_surrogate = st.builds(
+        lambda head, surrogate, tail: head + surrogate + tail,
+        st.text(max_size=max_size // 2),
+        SURROGATE,
+        st.text(max_size=max_size // 2),
+    )
+    return any_text | with_a_surrogate
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8),
+    | text(),
     lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+        st.lists(inner, max_size=3) | st.dictionaries(text(max_size=6), inner, max_size=3)
     ),
     max_leaves=6,
 )
 # Never null: a null max_tokens means "no limit", which would make an accepted request slow.
 MAX_TOKENS = st.integers(1, 3)
 TOKEN_IDS = st.lists(st.integers(0, 49_151), min_size=1, max_size=6)
-STOP = st.text(min_size=1, max_size=3)
+STOP = text(min_size=1, max_size=3)
 
 # Values of the right type, mostly in range; the edges (huge top_k and seeds, tiny temperatures)
 # are where a value could slip past validation and fail inside the engine.
 SAMPLING = {
-    "model": st.just(MODEL_NAME),
+    "model": st.just(MODEL_NAME) | text(max_size=4),
     "n": st.integers(1, 3),
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0.01, 1),
@@ -61,8 +79,8 @@ SAMPLING = {
 }
 COMPLETION = st.fixed_dictionaries(
     {
-        "prompt": st.text(min_size=1, max_size=20)
-        | st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3)
+        "prompt": text(min_size=1, max_size=20)
+        | st.lists(text(min_size=1, max_size=6), min_size=1, max_size=3)
         | TOKEN_IDS
         | st.lists(TOKEN_IDS, min_size=1, max_size=3),
         "max_tokens": MAX_TOKENS,
@@ -72,9 +90,9 @@ COMPLETION = st.fixed_dictionaries(
 MESSAGE = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["system", "developer", "user", "assistant"]),
-        "content": st.text(max_size=12)
+        "content": text(max_size=12)
         | st.lists(
-            st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+            st.fixed_dictionaries({"type": st.just("text"), "text": text(max_size=8)}),
             max_size=2,
         ),
     }
@@ -89,7 +107,7 @@ CHAT = st.fixed_dictionaries(
     },
 )
 TOKENIZE = st.fixed_dictionaries(
-    {}, optional={"prompt": st.text(max_size=20), "messages": st.lists(MESSAGE, max_size=2)}
+    {}, optional={"prompt": text(max_size=20), "messages": st.lists(MESSAGE, max_size=2)}
 )
 DETOKENIZE = st.fixed_dictionaries({"tokens": TOKEN_IDS})
 
@@ -100,10 +118,15 @@ def fuzzed(bodies: st.SearchStrategy[dict]) -> st.SearchStrategy[object]:
         lambda body, key, value: {**body, key: value},
         bodies,
         st.sampled_from([*SAMPLING, "prompt", "messages", "max_tokens", "logprobs", "tokens"])
-        | st.text(max_size=6),
+        | text(max_size=6),
         JSON,
     )
     return st.one_of(bodies, bodies, one_field_off, JSON)
+
+
+def post_json(client: httpx.Client, route: str, body: object) -> httpx.Response:
+    content = json.dumps(body).encode()  # ensure_ascii: lone surrogates travel escaped
+    return client.post(route, content=content, headers={"content-type": "application/json"})
 
 
 def assert_no_server_error(response: httpx.Response, body: object) -> None:
@@ -134,9 +157,29 @@ def test_fuzzed_bodies_never_get_a_server_error(
     @FUZZ_SETTINGS
     @given(body=bodies)
     def post(body: object) -> None:
-        assert_no_server_error(client.post(route, json=body), body)
+        assert_no_server_error(post_json(client, route, body), body)
 
     post()
+
+
+GET_ROUTES = ["/health", "/version", "/metrics", "/v1/models", "/docs", "/redoc", "/openapi.json"]
+
+
+@FUZZ_SETTINGS
+@given(
+    route=st.sampled_from(GET_ROUTES),
+    query=st.binary(max_size=16),
+    body=JSON,
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+)
+def test_every_route_answers_any_query_and_body_without_a_server_error(
+    client: httpx.Client, route: str, query: bytes, body: object, method: str
+):
+    url = httpx.URL(route, query=b"x=" + b"".join(b"%%%02X" % byte for byte in query))
+    content = json.dumps(body).encode()
+    response = client.request(method, url, content=content)
+    assert response.status_code < 500, f"{method} {url} {body!r} -> {response.text}"
+    assert response.status_code in ((200,) if method == "GET" else (405,))
 
 
 @FUZZ_SETTINGS
@@ -146,3 +189,10 @@ def test_undecodable_bodies_get_a_400(client: httpx.Client, raw: bytes):
         "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
     )
     assert response.status_code == 400, response.text
+
+
+def test_the_server_is_healthy_and_logged_no_traceback_after_the_fuzz(
+    server: ServerProcess, client: httpx.Client
+):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert "Traceback" not in server.log_path.read_text(errors="replace")
