@@ -3,6 +3,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from sluice.api import LLM
 from sluice.config import EngineConfig
 from sluice.engine.engine import Engine
 from sluice.loaders.model_path import resolve_model
+from sluice.loaders.tokenizer import Tokenizer
 from sluice.models.registry import LoadedModel, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
@@ -19,6 +21,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
 def default_gguf() -> Path:
     """The packaged SmolLM2-135M-Instruct Q4_1 GGUF."""
     return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm(default_gguf: Path) -> Tokenizer:
+    """The default model's tokenizer, built from its GGUF once per test run."""
+    return Tokenizer.from_gguf(gguf.GGUFReader(default_gguf))
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
-import gguf
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -43,11 +41,6 @@ class DecodeSpy:
 def stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
     return [detokenizer.push(token_id) for token_id in ids] + [detokenizer.flush()]
-
-
-@pytest.fixture(scope="module")
-def smollm(default_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(default_gguf))
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import gguf
 import pytest
 import transformers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -164,8 +162,8 @@ def render_reference(reference, messages: list[dict], **kwargs) -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm_pair(default_gguf: Path) -> tuple[Tokenizer, object]:
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(default_gguf))
+def smollm_pair(smollm: Tokenizer) -> tuple[Tokenizer, object]:
+    ours = smollm
     special_tokens = {
         "bos_token": "<|im_start|>",
         "eos_token": "<|im_end|>",

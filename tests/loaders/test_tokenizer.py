@@ -74,11 +74,6 @@ def load_reference(path: Path):
 
 
 @pytest.fixture(scope="module")
-def smollm(default_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf.GGUFReader(default_gguf))
-
-
-@pytest.fixture(scope="module")
 def smollm_reference(default_gguf: Path):
     return load_reference(default_gguf)
 
