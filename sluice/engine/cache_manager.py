@@ -187,11 +187,7 @@ class KVCacheManager:
         pages = request.page_ids[done:full_pages]
         node = cache.insert(tokens, pages, request.cache_salt, after=above)
         self._adopt_pages(request, done, cache.prefix_pages(node, after=above))
-        if above is None:
-            cache.lock(node)
-        else:
-            cache.move_lock(above, node)
-        request.prefix_node = node
+        self._lock_deeper(request, node)
         request.num_inserted_pages = full_pages
         if request.state_slot is not None and request.num_computed_tokens % self.page_size == 0:
             self._checkpoint(request, node)
@@ -230,6 +226,14 @@ class KVCacheManager:
                 self.pool.retain([page])
                 self.pool.release([request.page_ids[i]])
                 request.page_ids[i] = page
+
+    def _lock_deeper(self, request: Request, node: RadixNode) -> None:
+        """Move the request's lock down its own path to `node`: only the nodes in between change."""
+        if request.prefix_node is None:
+            self.prefix_cache.lock(node)
+        else:
+            self.prefix_cache.move_lock(request.prefix_node, node)
+        request.prefix_node = node
 
     def _move_lock(self, request: Request, node: RadixNode | None) -> None:
         if node is not None:
