@@ -45,7 +45,8 @@ def decode_step_ns(context: int, steps: int, page_size: int, chunk: int, seed: i
     for _ in range(steps):
         request.output_token_ids.append(rng.randrange(VOCAB))  # the previous step's sample
         start = time.perf_counter_ns()
-        assert kv.can_allocate(request, 1)
+        if not kv.can_allocate(request, 1):  # the scheduler asks before every allocation
+            raise RuntimeError("the pool is sized to hold the whole run")
         kv.allocate(request, 1)
         request.num_computed_tokens += 1
         kv.cache_computed(request)
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
             # Step i (from 0) completes token context + i + 1: a page fills when that is aligned.
             filled += [t for i, t in enumerate(run) if (context + i + 1) % args.page_size == 0]
         record: Record = {
-            "benchmark": "prefix-cache",
+            "bench": "prefix-cache",
             "context": context,
             "decode_steps": args.steps,
             "repeats": args.repeats,
