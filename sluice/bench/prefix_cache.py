@@ -5,7 +5,8 @@ them for one request. A prompt of `context` random tokens is prefilled in chunks
 scheduler's token budget, caching each chunk; then every decode step checks that a page fits,
 allocates for one token, counts it computed and offers full pages to the prefix cache. Only
 those calls are timed, step by step; a page fills every `page_size` steps, and those steps are
-also summarized alone (they carry the prefix-cache insert). One JSON line per context.
+also summarized alone (they carry the prefix-cache insert). The CPU time of the whole loop gives
+a mean that other processes on the machine do not inflate. One JSON line per context.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 from sluice.bench.report import Record, emit
 from sluice.engine.cache_manager import KVCacheManager, PagePool
@@ -24,8 +26,16 @@ from sluice.sampling_params import SamplingParams
 VOCAB = 32000
 
 
-def decode_step_ns(context: int, steps: int, page_size: int, chunk: int, seed: int) -> list[int]:
-    """Nanoseconds of bookkeeping for each of `steps` decode steps after a `context` prefill."""
+@dataclass(frozen=True)
+class DecodeRun:
+    step_ns: list[int]  # wall time of each step's bookkeeping
+    # This thread's CPU time over the whole loop (the timer calls included): on a shared machine
+    # it leaves out the time other processes took, which the wall times cannot.
+    cpu_ns: int
+
+
+def decode_run(context: int, steps: int, page_size: int, chunk: int, seed: int) -> DecodeRun:
+    """The bookkeeping of `steps` decode steps after a `context` prefill."""
     rng = random.Random(seed)
     pool = PagePool((context + steps) // page_size + 2)
     kv = KVCacheManager(pool, page_size, PrefixCache(pool, page_size))
@@ -41,9 +51,11 @@ def decode_step_ns(context: int, steps: int, page_size: int, chunk: int, seed: i
         kv.allocate(request, num_tokens)
         request.num_computed_tokens += num_tokens
         kv.cache_computed(request)
+    samples = [rng.randrange(VOCAB) for _ in range(steps)]
     timings = []
-    for _ in range(steps):
-        request.output_token_ids.append(rng.randrange(VOCAB))  # the previous step's sample
+    cpu_start = time.thread_time_ns()
+    for sample in samples:
+        request.output_token_ids.append(sample)  # the previous step's
         start = time.perf_counter_ns()
         if not kv.can_allocate(request, 1):  # the scheduler asks before every allocation
             raise RuntimeError("the pool is sized to hold the whole run")
@@ -51,8 +63,9 @@ def decode_step_ns(context: int, steps: int, page_size: int, chunk: int, seed: i
         request.num_computed_tokens += 1
         kv.cache_computed(request)
         timings.append(time.perf_counter_ns() - start)
+    cpu_ns = time.thread_time_ns() - cpu_start
     kv.free(request)
-    return timings
+    return DecodeRun(timings, cpu_ns)
 
 
 def summary(prefix: str, timings_ns: list[int]) -> Record:
@@ -68,13 +81,17 @@ def main(args: argparse.Namespace) -> int:
     for context in args.contexts:
         timings: list[int] = []
         filled: list[int] = []
+        cpu_ns = 0
         for repeat in range(args.repeats):
-            run = decode_step_ns(
+            run = decode_run(
                 context, args.steps, args.page_size, args.max_num_batched_tokens, args.seed + repeat
             )
-            timings += run
+            timings += run.step_ns
+            cpu_ns += run.cpu_ns
             # Step i (from 0) completes token context + i + 1: a page fills when that is aligned.
-            filled += [t for i, t in enumerate(run) if (context + i + 1) % args.page_size == 0]
+            filled += [
+                t for i, t in enumerate(run.step_ns) if (context + i + 1) % args.page_size == 0
+            ]
         record: Record = {
             "bench": "prefix-cache",
             "context": context,
@@ -82,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "page_size": args.page_size,
             "max_num_batched_tokens": args.max_num_batched_tokens,
+            "step_cpu_mean_us": cpu_ns / 1000 / len(timings),
             **summary("step", timings),
             **summary("filled_page_step", filled),
         }

@@ -366,8 +366,8 @@ class PrefixCache:
         )
 
     def _check_lru(self, reachable: set[RadixNode]) -> None:
-        """Every unlocked leaf has exactly one live heap entry, with its current key; no other
-        node has one; the heap is ordered."""
+        """Every unlocked leaf, and no other node, has a live heap entry (the one with its
+        `lru_seq`) holding its current key; the live count agrees; the heap is ordered."""
         live = {entry[-1]: entry for entry in self._lru if entry[3] == entry[-1].lru_seq}
         for node in reachable:
             key = self._lru_key(node)

@@ -14,5 +14,5 @@ def test_one_line_per_context_with_step_and_filled_page_stats(capsys) -> None:
     assert [r["context"] for r in records] == [64, 100]
     for record in records:
         assert record["bench"] == "prefix-cache" and record["decode_steps"] == 40
-        assert 0 < record["step_p50_us"] <= record["step_p99_us"]
+        assert 0 < record["step_p50_us"] <= record["step_p99_us"] and record["step_cpu_mean_us"] > 0
         assert 0 < record["filled_page_step_p50_us"] <= record["filled_page_step_p99_us"]
