@@ -50,3 +50,6 @@ for cache in on off; do
     --output-file "$OUT/hybrid_gsp_cache_$cache.jsonl" --plot "$OUT/hybrid_gsp_cache_$cache.png"
   kill -TERM $pid; wait $pid || true
 done
+
+# Issue #16: the KV and prefix-cache bookkeeping of one decode step by context length (no model).
+$S bench prefix-cache --contexts 2048,8192,32768 --output-file "$OUT/prefix_cache.jsonl"

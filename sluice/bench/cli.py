@@ -1,4 +1,4 @@
-"""`sluice bench {offline,latency,serve}`: the benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
@@ -21,6 +21,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_offline(kinds)
     _add_latency(kinds)
     _add_serve(kinds)
+    _add_prefix_cache(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -41,6 +42,10 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 _POSITIVE = _int_at_least(1)
+
+
+def _int_list(text: str) -> list[int]:
+    return [_POSITIVE(part) for part in text.split(",")]
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -136,3 +141,20 @@ def _add_serve(kinds: argparse._SubParsersAction) -> None:
     _add_common(serve)
     serve.add_argument("--plot", default=None, metavar="PATH.png", help="save latency plots")
     serve.set_defaults(func=_runner("serve"))
+
+
+def _add_prefix_cache(kinds: argparse._SubParsersAction) -> None:
+    prefix = kinds.add_parser(
+        "prefix-cache",
+        help="KV page and prefix-cache bookkeeping per decode step, by context length (no model)",
+    )
+    prefix.add_argument("--contexts", type=_int_list, default=[2048, 8192, 32768])
+    prefix.add_argument("--steps", type=_POSITIVE, default=4096, help="decode steps timed")
+    prefix.add_argument("--repeats", type=_POSITIVE, default=3, help="fresh runs per context")
+    # The engine's defaults (see `add_engine_args`), without importing the engine's config.
+    prefix.add_argument("--page-size", type=_POSITIVE, default=16)
+    prefix.add_argument(
+        "--max-num-batched-tokens", type=_POSITIVE, default=512, help="tokens per prefill step"
+    )
+    _add_common(prefix)
+    prefix.set_defaults(func=_runner("prefix_cache"))

@@ -12,6 +12,7 @@ that ends there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sluice.engine.request import Request
@@ -31,6 +32,9 @@ class PagePool:
     Free pages form a stack: the most recently freed are reused first, so the pages in use stay
     few and warm (the pool's memory is only resident where written, see `memory.lazy_zeros`),
     and a request's pages tend to be consecutive, which attention reads as one slice.
+
+    The prefix cache watches one thing: which of its pages only it holds (those evicting frees).
+    The pool tells it whenever a page goes from one holder to two or back.
     """
 
     def __init__(self, num_pages: int) -> None:
@@ -39,6 +43,7 @@ class PagePool:
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # page 0 on top
         self._refs = [0] * num_pages
+        self._on_sharing: Callable[[int, bool], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -56,17 +61,29 @@ class PagePool:
             self._refs[page] = 1
         return pages
 
+    def watch_sharing(self, callback: Callable[[int, bool], None]) -> None:
+        """Call `callback(page, shared)` whenever a page's holders go from one to two (shared)
+        or from two back to one."""
+        assert self._on_sharing is None, "the pool has a watcher already"
+        self._on_sharing = callback
+
     def retain(self, pages: list[int]) -> None:
         for page in pages:
-            assert self._refs[page] > 0, f"page {page} is free"
-            self._refs[page] += 1
+            refs = self._refs[page]
+            assert refs > 0, f"page {page} is free"
+            self._refs[page] = refs + 1
+            if refs == 1 and self._on_sharing is not None:
+                self._on_sharing(page, True)
 
     def release(self, pages: list[int]) -> None:
         for page in reversed(pages):  # so the next allocation gets them back in order
-            assert self._refs[page] > 0, f"page {page} released twice"
-            self._refs[page] -= 1
-            if self._refs[page] == 0:
+            refs = self._refs[page] - 1
+            assert refs >= 0, f"page {page} released twice"
+            self._refs[page] = refs
+            if refs == 0:
                 self._free.append(page)
+            elif refs == 1 and self._on_sharing is not None:
+                self._on_sharing(page, False)
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]
@@ -171,18 +188,25 @@ class KVCacheManager:
     def cache_computed(self, request: Request) -> None:
         """Offer the request's newly completed full pages to the prefix cache.
 
-        Where the cache already holds the same prefix (computed by a request that ran at the
-        same time), the request switches to the cache's pages and lets its own copies go.
+        They go in below the node the request holds locked (which ends at its pages already
+        offered), so a step's cost is that of its new pages, whatever the context length. Where
+        the cache already holds the same prefix (computed by a request that ran at the same
+        time), the request switches to the cache's pages and lets its own copies go.
         """
+        cache = self.prefix_cache
         full_pages = request.num_computed_tokens // self.page_size
-        if self.prefix_cache is None or full_pages <= request.num_inserted_pages:
+        done = request.num_inserted_pages
+        if cache is None or full_pages <= done:
             return
-        tokens = request.token_ids(0, full_pages * self.page_size)
-        node = self.prefix_cache.insert(tokens, request.page_ids[:full_pages], request.cache_salt)
-        self._adopt_pages(request, self.prefix_cache.prefix_pages(node))
-        self._move_lock(request, node)
+        above = request.prefix_node
+        assert above is not None or done == 0, "pages were offered without a lock on them"
+        tokens = request.token_ids(done * self.page_size, full_pages * self.page_size)
+        pages = request.page_ids[done:full_pages]
+        node = cache.insert(tokens, pages, request.cache_salt, after=above)
+        self._adopt_pages(request, done, cache.prefix_pages(node, after=above))
+        self._lock_deeper(request, node)
         request.num_inserted_pages = full_pages
-        if request.state_slot is not None and request.num_computed_tokens == len(tokens):
+        if request.state_slot is not None and request.num_computed_tokens % self.page_size == 0:
             self._checkpoint(request, node)
 
     def _checkpoint(self, request: Request, node: RadixNode) -> None:
@@ -212,14 +236,21 @@ class KVCacheManager:
             self.state_pool.free(request.state_slot)
             request.state_slot = None
 
-    def _adopt_pages(self, request: Request, cached_pages: list[int]) -> None:
-        duplicates = [
-            (i, page) for i, page in enumerate(cached_pages) if request.page_ids[i] != page
-        ]
-        for i, page in duplicates:
-            self.pool.retain([page])
-            self.pool.release([request.page_ids[i]])
-            request.page_ids[i] = page
+    def _adopt_pages(self, request: Request, start: int, cached_pages: list[int]) -> None:
+        """Use the cache's copies of the request's pages from page `start` on."""
+        for i, page in enumerate(cached_pages, start):
+            if request.page_ids[i] != page:
+                self.pool.retain([page])
+                self.pool.release([request.page_ids[i]])
+                request.page_ids[i] = page
+
+    def _lock_deeper(self, request: Request, node: RadixNode) -> None:
+        """Move the request's lock down its own path to `node`: only the nodes in between change."""
+        if request.prefix_node is None:
+            self.prefix_cache.lock(node)
+        else:
+            self.prefix_cache.move_lock(request.prefix_node, node)
+        request.prefix_node = node
 
     def _move_lock(self, request: Request, node: RadixNode | None) -> None:
         if node is not None:

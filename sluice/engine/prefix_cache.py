@@ -17,10 +17,23 @@ Page references (the pool counts them; see `PagePool`):
 
 Locks protect tree nodes, not pages: a locked node (and so its whole path to the root) is never
 evicted, so a running request's prefix stays matchable and, for hybrid models, its state
-checkpoint stays valid. Lock counts run up the path, so an unlocked node's subtree is unlocked.
+checkpoint stays valid. A node's lock count counts the locks on it and below it, so an unlocked
+node's subtree is unlocked. A request extending its prefix moves its lock down with `move_lock`:
+the counts above its old node already include that lock, so only the new nodes change.
 
-LRU uses a counter bumped once per `match`/`insert`; every node on the touched path gets the same
-tick, so a parent is never older than its children and eviction order is deterministic.
+Work per step is that of the new pages, never of the context behind them. `insert(after=node)`
+starts below the node a request holds, and the eviction accounting is kept as it changes instead
+of being recounted from the tree:
+- each node counts its freeable pages (those only the tree holds: the pool reports every page
+  going from one holder to two and back), and the cache sums them over unlocked nodes, which is
+  `num_evictable_pages`;
+- unlocked leaves wait in a heap, those with freeable pages first, least recently used first
+  within that. Entries go stale instead of being removed (a node's live entry is the one with its
+  `lru_seq`), and the heap is rebuilt when stale entries outnumber live ones.
+
+LRU uses a counter bumped once per `match`/`insert`. `match` stamps its whole path (it walks it
+anyway), `insert` the nodes below `after`; a node's time only matters once it is a leaf, and a
+removed leaf passes its time on to its parent, so a leaf is as recent as anything once below it.
 
 Hybrid models (recurrent layers beside attention), in the spirit of SGLang's MambaRadixCache.
 A recurrent state cannot be rolled back to an earlier token, so KV pages alone cannot resume a
@@ -49,6 +62,8 @@ from sluice.engine.cache_manager import PagePool
 from sluice.engine.state_pool import StatePool
 
 ChildKey = tuple[int, ...] | str  # first page's tokens below a namespace node, the namespace above
+# (class, last_access, serial, seq, node): class 0 frees pages, class 1 only leads toward some.
+LruEntry = tuple[int, int, int, int, "RadixNode"]
 
 
 @dataclass(eq=False)
@@ -61,6 +76,9 @@ class RadixNode:
     children: dict[ChildKey, RadixNode] = field(default_factory=dict)
     lock_count: int = 0  # locks on this node plus every lock below it
     last_access: int = 0
+    num_freeable: int = 0  # pages only the tree holds: evicting this node frees them
+    lru_key: tuple[int, int] | None = None  # (class, last_access) while an unlocked leaf
+    lru_seq: int = 0  # its live entry in the eviction heap (0: none)
     # Hybrid models: the state slot holding the recurrent state after this node's last token.
     state_checkpoint: int | None = None
     checkpoint_access: int = 0  # the checkpoints' own LRU clock
@@ -85,8 +103,14 @@ class PrefixCache:
         self._serial = 0
         self._clock = 0
         self._num_cached_pages = 0
-        self._own_locks: dict[RadixNode, int] = {}  # lock() calls not yet unlocked, per node
+        self._own_locks: dict[RadixNode, int] = {}  # locks held on each node itself
+        self._page_nodes: list[RadixNode | None] = [None] * pool.num_pages  # who holds a page
+        self._num_evictable_pages = 0  # freeable pages of unlocked nodes
+        self._lru: list[LruEntry] = []  # unlocked leaves, a heap with stale entries
+        self._lru_seq = 0
+        self._num_lru_leaves = 0  # live entries
         self.root = self._new_node((), [], namespace="")
+        pool.watch_sharing(self._on_sharing)
 
     # --- lookups -----------------------------------------------------------------------------
 
@@ -129,9 +153,10 @@ class PrefixCache:
             step, pages, len(pages) * self.page_size, step.state_checkpoint, num_kv_tokens
         )
 
-    def prefix_pages(self, node: RadixNode) -> list[int]:
-        """The tree's pages for the whole prefix ending at `node`, root first."""
-        path = list(self._path_to_root(node))
+    def prefix_pages(self, node: RadixNode, after: RadixNode | None = None) -> list[int]:
+        """The tree's pages for the prefix ending at `node`, root first; with `after` (a node
+        above it), only those below `after`."""
+        path = list(self._path_up(node, after))
         return [page for step in reversed(path) for page in step.page_ids]
 
     @property
@@ -140,12 +165,8 @@ class PrefixCache:
 
     @property
     def num_evictable_pages(self) -> int:
-        """Pages `evict` could free now. Walks the tree: O(cached pages)."""
-        return sum(
-            self._freeable_pages(node)
-            for top in self._unlocked_subtree_roots()
-            for node in self._subtree(top)
-        )
+        """Pages `evict` could free now."""
+        return self._num_evictable_pages
 
     @property
     def num_checkpoints(self) -> int:
@@ -154,35 +175,72 @@ class PrefixCache:
     # --- locks -------------------------------------------------------------------------------
 
     def lock(self, node: RadixNode) -> None:
-        assert node is self.root or node.parent is not None, "lock of an evicted node"
-        self._own_locks[node] = self._own_locks.get(node, 0) + 1
-        for step in self._path_to_root(node):
-            step.lock_count += 1
+        self._take_lock(node)
+        for step in self._path_up(node):
+            self._add_locks(step, 1)
 
     def unlock(self, node: RadixNode) -> None:
+        self._drop_lock(node)
+        for step in self._path_up(node):
+            self._add_locks(step, -1)
+
+    def move_lock(self, node: RadixNode, descendant: RadixNode) -> None:
+        """Move one lock on `node` down to `descendant` (or `node` itself). The counts from `node`
+        up already include it, so only the nodes below `node` are touched."""
+        self._drop_lock(node)
+        self._take_lock(descendant)
+        for step in self._path_up(descendant, node):
+            self._add_locks(step, 1)
+
+    def _take_lock(self, node: RadixNode) -> None:
+        assert node is self.root or node.parent is not None, "lock of an evicted node"
+        self._own_locks[node] = self._own_locks.get(node, 0) + 1
+
+    def _drop_lock(self, node: RadixNode) -> None:
         own = self._own_locks.get(node, 0)
         assert own > 0, f"unlock of node {node.serial} that holds no lock"
         if own == 1:
             del self._own_locks[node]
         else:
             self._own_locks[node] = own - 1
-        for step in self._path_to_root(node):
-            step.lock_count -= 1
+
+    def _add_locks(self, node: RadixNode, delta: int) -> None:
+        was_locked = node.lock_count > 0
+        node.lock_count += delta
+        if was_locked != (node.lock_count > 0):
+            self._num_evictable_pages += node.num_freeable if was_locked else -node.num_freeable
+            self._refresh_lru(node)
 
     # --- insert ------------------------------------------------------------------------------
 
     def insert(
-        self, token_ids: Sequence[int], page_ids: Sequence[int], namespace: str = ""
+        self,
+        token_ids: Sequence[int],
+        page_ids: Sequence[int],
+        namespace: str = "",
+        after: RadixNode | None = None,
     ) -> RadixNode:
-        """Cache full pages; returns the node ending exactly at the inserted prefix."""
+        """Cache full pages; returns the node ending exactly at the inserted prefix.
+
+        With `after` (a node in the tree, such as the one a request holds locked) the pages
+        continue `after`'s prefix, and only the walk below it is paid for.
+        """
         tokens = tuple(token_ids)
         assert len(tokens) == len(page_ids) * self.page_size, (
             f"insert needs whole pages: {len(tokens)} tokens for {len(page_ids)} pages "
             f"of {self.page_size}"
         )
+        if after is None or after is self.root:
+            after = self.root
+            start = self._namespace_node(namespace) if page_ids else self.root
+        else:
+            assert after.parent is not None and after.namespace == namespace, (
+                f"insert after node {after.serial}, evicted or of another namespace"
+            )
+            start = after
         if not page_ids:
-            return self.root
-        node = self._namespace_node(namespace)
+            return after
+        node = start
         num_pages = 0
         while num_pages < len(page_ids):
             child = node.children.get(self._page_at(tokens, num_pages))
@@ -194,7 +252,7 @@ class PrefixCache:
                 child = self._split(child, matched)
             num_pages += matched
             node = child
-        self._touch(node)
+        self._touch(node, after)
         return node
 
     # --- state checkpoints (hybrid models) ----------------------------------------------------
@@ -244,21 +302,18 @@ class PrefixCache:
         if num_pages <= 0:
             return 0
         free_before = self.pool.num_free
-        candidates = [
-            entry for leaf in self._unlocked_leaves() if (entry := self._eviction_entry(leaf))
-        ]
-        heapq.heapify(candidates)
-        while candidates and self.pool.num_free - free_before < num_pages:
-            node = heapq.heappop(candidates)[-1]
-            parent = node.parent
-            assert parent is not None
-            self._remove_leaf(node)
-            if parent.children or parent.lock_count:
+        kept: list[LruEntry] = []  # leaves whose removal would lead to no freeable page
+        while self._lru and self.pool.num_free - free_before < num_pages:
+            entry = heapq.heappop(self._lru)
+            cls, _, _, seq, node = entry
+            if seq != node.lru_seq:
+                continue  # stale
+            if cls and not self._has_freeable_unlocked_ancestor(node):
+                kept.append(entry)
                 continue
-            if parent.parent is self.root:
-                del self.root.children[parent.namespace]  # an empty namespace holds nothing
-            elif entry := self._eviction_entry(parent):
-                heapq.heappush(candidates, entry)
+            self._remove_leaf(node)  # may put its parent, now a leaf, on the heap
+        for entry in kept:
+            heapq.heappush(self._lru, entry)
         return self.pool.num_free - free_before
 
     def reset(self) -> None:
@@ -266,9 +321,6 @@ class PrefixCache:
         for top in list(self._unlocked_subtree_roots()):
             for node in reversed(list(self._subtree(top))):  # children before their parent
                 self._remove_leaf(node)
-        for namespace, ns_node in list(self.root.children.items()):
-            if not ns_node.children:
-                del self.root.children[namespace]
 
     # --- integrity ---------------------------------------------------------------------------
 
@@ -290,13 +342,53 @@ class PrefixCache:
                 if node is not ns_node:
                     self._check_page_node(node, seen_pages)
                 self._check_children(node)
-        assert len(seen_pages) == self._num_cached_pages, (
-            f"tree holds {len(seen_pages)} pages, num_cached_pages says {self._num_cached_pages}"
-        )
+        self._check_page_counts(len(seen_pages))
         stray = [node.serial for node in self._own_locks if node not in reachable]
         assert not stray, f"locked nodes {stray} are no longer in the tree"
         self._check_lock_counts(root)
+        self._check_evictable(reachable)
+        self._check_lru(reachable)
         self._check_checkpoints(reachable)
+
+    def _check_page_counts(self, num_pages: int) -> None:
+        assert num_pages == self._num_cached_pages, (
+            f"tree holds {num_pages} pages, num_cached_pages says {self._num_cached_pages}"
+        )
+        mapped = sum(node is not None for node in self._page_nodes)
+        assert mapped == num_pages, f"{mapped} pages map to nodes, the tree holds {num_pages}"
+
+    def _check_evictable(self, reachable: set[RadixNode]) -> None:
+        """After `_check_page_node` verified each node's freeable count against the pool."""
+        evictable = sum(node.num_freeable for node in reachable if not node.lock_count)
+        assert evictable == self._num_evictable_pages, (
+            f"unlocked nodes hold {evictable} freeable pages, num_evictable_pages says "
+            f"{self._num_evictable_pages}"
+        )
+
+    def _check_lru(self, reachable: set[RadixNode]) -> None:
+        """Every unlocked leaf, and no other node, has a live heap entry (the one with its
+        `lru_seq`) holding its current key; the live count agrees; the heap is ordered."""
+        live = {entry[-1]: entry for entry in self._lru if entry[3] == entry[-1].lru_seq}
+        for node in reachable:
+            key = self._lru_key(node)
+            assert node.lru_key == key, (
+                f"node {node.serial}: LRU key {node.lru_key}, expected {key}"
+            )
+            entry = live.pop(node, None)
+            assert (entry is None) == (key is None), (
+                f"node {node.serial}: LRU entry {entry and entry[:4]} for key {key}"
+            )
+            assert entry is None or entry[:3] == (*key, node.serial), (
+                f"node {node.serial}: LRU entry {entry[:4]} for key {key}"
+            )
+        assert not live, f"LRU entries for nodes {[n.serial for n in live]} not in the tree"
+        leaves = sum(node.lru_key is not None for node in reachable)
+        assert leaves == self._num_lru_leaves, (
+            f"{leaves} evictable leaves, the LRU counts {self._num_lru_leaves}"
+        )
+        heap = self._lru
+        for i in range(1, len(heap)):
+            assert heap[(i - 1) // 2][:4] <= heap[i][:4], "the LRU heap is out of order"
 
     def _check_checkpoints(self, reachable: set[RadixNode]) -> None:
         holders = {node for node in reachable if node.state_checkpoint is not None}
@@ -327,6 +419,13 @@ class PrefixCache:
             assert self.pool.ref_count(page) >= 1, (
                 f"page {page} of node {node.serial} is free in the pool"
             )
+            assert self._page_nodes[page] is node, (
+                f"page {page} of node {node.serial} maps elsewhere"
+            )
+        freeable = self._count_freeable(node.page_ids)
+        assert node.num_freeable == freeable, (
+            f"node {node.serial} counts {node.num_freeable} freeable pages, the pool says {freeable}"
+        )
 
     def _check_children(self, node: RadixNode) -> None:
         for child_key, child in node.children.items():
@@ -367,12 +466,16 @@ class PrefixCache:
     def _add_leaf(
         self, parent: RadixNode, tokens: tuple[int, ...], page_ids: Sequence[int], start_page: int
     ) -> RadixNode:
+        """The new leaf goes on the LRU heap when `insert` stamps it. None of its pages is
+        freeable: the caller still holds them all."""
         pages = list(page_ids[start_page:])
         self.pool.retain(pages)
         self._num_cached_pages += len(pages)
         leaf = self._new_node(tokens[start_page * self.page_size :], pages, parent.namespace)
+        self._map_pages(leaf)
         leaf.parent = parent
         parent.children[self._page_at(tokens, start_page)] = leaf
+        self._refresh_lru(parent)
         return leaf
 
     def _split(self, node: RadixNode, num_pages: int) -> RadixNode:
@@ -384,23 +487,38 @@ class PrefixCache:
         front = self._new_node(node.key[:cut], node.page_ids[:num_pages], node.namespace)
         front.last_access = node.last_access
         front.lock_count = node.lock_count  # every lock below `node` passes through `front`
+        front.num_freeable = self._count_freeable(front.page_ids)
+        node.num_freeable -= front.num_freeable
+        self._map_pages(front)
         front.parent = parent
         parent.children[front.key[: self.page_size]] = front
         node.key = node.key[cut:]
         node.page_ids = node.page_ids[num_pages:]
         node.parent = front
         front.children[node.key[: self.page_size]] = node
+        self._refresh_lru(node)  # fewer freeable pages may change its class
         return front
 
     def _remove_leaf(self, node: RadixNode) -> None:
+        """Remove an unlocked leaf; its parent inherits its access time (see the module doc)
+        and, left without children, becomes a leaf itself or, a namespace node, goes too."""
         parent = node.parent
         assert parent is not None and not node.children and node.lock_count == 0
         del parent.children[node.key[: self.page_size]]
         node.parent = None
+        self._refresh_lru(node)
         if node.state_checkpoint is not None:
             self.drop_checkpoint(node)
+        self._num_evictable_pages -= node.num_freeable
+        for page in node.page_ids:
+            self._page_nodes[page] = None  # before the release: no sharing reports for it
         self.pool.release(node.page_ids)
         self._num_cached_pages -= len(node.page_ids)
+        parent.last_access = max(parent.last_access, node.last_access)
+        if parent.parent is self.root and not parent.children and not parent.lock_count:
+            del self.root.children[parent.namespace]  # an empty namespace holds nothing
+        else:
+            self._refresh_lru(parent)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -419,15 +537,19 @@ class PrefixCache:
                 return page
         return limit
 
-    def _touch(self, node: RadixNode) -> None:
+    def _touch(self, node: RadixNode, until: RadixNode | None = None) -> None:
+        """Stamp `node` and its ancestors below `until`; only `node` can be a leaf among them."""
         self._clock += 1
-        for step in self._path_to_root(node):
+        for step in self._path_up(node, until):
             step.last_access = self._clock
+        self._refresh_lru(node)
 
     @staticmethod
-    def _path_to_root(node: RadixNode) -> Iterator[RadixNode]:
+    def _path_up(node: RadixNode, until: RadixNode | None = None) -> Iterator[RadixNode]:
+        """`node` and its ancestors below `until` (an ancestor of `node`; None: up to the root)."""
         step: RadixNode | None = node
-        while step is not None:
+        while step is not until:
+            assert step is not None, "walked past the root: `until` is not an ancestor"
             yield step
             step = step.parent
 
@@ -450,26 +572,55 @@ class PrefixCache:
             else:
                 yield node
 
-    def _unlocked_leaves(self) -> Iterator[RadixNode]:
-        for top in self._unlocked_subtree_roots():
-            yield from (node for node in self._subtree(top) if not node.children)
+    def _map_pages(self, node: RadixNode) -> None:
+        for page in node.page_ids:
+            self._page_nodes[page] = node
 
-    def _freeable_pages(self, node: RadixNode) -> int:
-        return sum(1 for page in node.page_ids if self.pool.ref_count(page) == 1)
+    def _count_freeable(self, pages: list[int]) -> int:
+        return sum(1 for page in pages if self.pool.ref_count(page) == 1)
 
-    def _eviction_entry(self, leaf: RadixNode) -> tuple[int, int, int, RadixNode] | None:
-        """Heap entry: leaves that free pages first, then leaves whose removal moves toward an
-        unlocked ancestor that does; leaves that lead to nothing freeable are kept."""
-        if self._freeable_pages(leaf):
-            return (0, leaf.last_access, leaf.serial, leaf)
-        if self._has_freeable_unlocked_ancestor(leaf):
-            return (1, leaf.last_access, leaf.serial, leaf)
-        return None
+    def _on_sharing(self, page: int, shared: bool) -> None:
+        """The pool's report that a page gained a second holder or lost it."""
+        node = self._page_nodes[page]
+        if node is None:
+            return  # not the tree's
+        delta = -1 if shared else 1
+        node.num_freeable += delta
+        if not node.lock_count:
+            self._num_evictable_pages += delta
+            self._refresh_lru(node)
 
-    def _has_freeable_unlocked_ancestor(self, node: RadixNode) -> bool:
+    def _lru_key(self, node: RadixNode) -> tuple[int, int] | None:
+        """Where an unlocked leaf goes in the eviction order; None for any other node."""
+        if node.lock_count or node.children or not node.page_ids or node.parent is None:
+            return None
+        return (0 if node.num_freeable else 1, node.last_access)
+
+    def _refresh_lru(self, node: RadixNode) -> None:
+        """Give `node` a heap entry matching its current key, or none; old entries go stale."""
+        key = self._lru_key(node)
+        if key == node.lru_key:
+            return
+        self._num_lru_leaves += (key is not None) - (node.lru_key is not None)
+        node.lru_key = key
+        node.lru_seq = 0
+        if key is None:
+            return
+        self._lru_seq += 1
+        node.lru_seq = self._lru_seq
+        heapq.heappush(self._lru, (*key, node.serial, self._lru_seq, node))
+        if len(self._lru) > 2 * self._num_lru_leaves + 64:
+            self._lru = [entry for entry in self._lru if entry[3] == entry[-1].lru_seq]
+            heapq.heapify(self._lru)
+
+    @staticmethod
+    def _has_freeable_unlocked_ancestor(node: RadixNode) -> bool:
+        """Whether removing `node` leads toward pages that free. Walks up, but only for leaves
+        that free nothing themselves: pages a request holds without a lock on them, which the
+        engine never does (its requests lock every cached page they hold)."""
         ancestor = node.parent
         while ancestor is not None and ancestor.page_ids and not ancestor.lock_count:
-            if self._freeable_pages(ancestor):
+            if ancestor.num_freeable:
                 return True
             ancestor = ancestor.parent
         return False

@@ -161,8 +161,9 @@ SIM_PAGES, SIM_SLOTS = 20, 5
 
 
 class HybridCacheMachine(RuleBasedStateMachine):
-    """Requests take a slot, match (deepest checkpoint), compute, insert, checkpoint and finish,
-    while KV and checkpoint evictions interleave. The model: the set of cached prefixes, which
+    """Requests take a slot, match (deepest checkpoint), compute, insert, checkpoint, extend their
+    prefix below their node (moving the lock down) and finish, while KV and checkpoint evictions
+    interleave. The model: the set of cached prefixes, which
     of them hold a checkpoint, and the slots running requests hold."""
 
     def __init__(self) -> None:
@@ -198,6 +199,29 @@ class HybridCacheMachine(RuleBasedStateMachine):
         self.cache.lock(node)
         self.cache.unlock(hit.node)
         self.running.append((node, page_ids, slot))
+
+    @precondition(lambda self: self.running)
+    @rule(pick=st.integers(0, 10), suffix=tokens, checkpoint=st.booleans())
+    def extend(self, pick: int, suffix: list[int], checkpoint: bool) -> None:
+        """A running request computes more whole pages, as `cache_computed` caches them."""
+        index = pick % len(self.running)
+        node, page_ids, slot = self.running[index]
+        num_pages = len(suffix) // PAGE
+        if self.pages.num_free < num_pages:
+            self.cache.evict(num_pages - self.pages.num_free)
+        if self.pages.num_free < num_pages:
+            return
+        own = self.pages.allocate(num_pages)
+        deeper = self.cache.insert(suffix[: num_pages * PAGE], own, after=node)
+        tree_pages = self.cache.prefix_pages(deeper, after=node)
+        for mine, tree_page in zip(own, tree_pages):
+            if mine != tree_page:
+                self.pages.retain([tree_page])
+                self.pages.release([mine])
+        if checkpoint and num_pages:
+            self.cache.add_checkpoint(deeper, slot)
+        self.cache.move_lock(node, deeper)
+        self.running[index] = (deeper, page_ids + tree_pages, slot)
 
     @precondition(lambda self: self.running)
     @rule(pick=st.integers(0, 10))

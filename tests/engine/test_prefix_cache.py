@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sluice.engine.cache_manager import PagePool
+from sluice.engine.cache_manager import KVCacheManager, PagePool
 from sluice.engine.prefix_cache import PrefixCache, RadixNode
+from sluice.engine.request import Request
+from sluice.sampling_params import SamplingParams
 
 PAGE = 4
 
@@ -202,6 +204,63 @@ def test_namespaces_never_match_each_other():
     cache.check_integrity()
 
 
+def test_insert_after_a_node_continues_its_prefix():
+    pool, cache = make_cache()
+    head = cache.insert(A[:8], pool.allocate(2))
+    tail_pages = pool.allocate(1)
+    tail = cache.insert(A[8:], tail_pages, after=head)
+    assert tail.parent is head and tail.key == tuple(A[8:])
+    assert cache.prefix_pages(tail, after=head) == tail_pages
+    assert cache.match([*A, 0]).node is tail
+    assert cache.insert([], [], after=head) is head
+    cache.check_integrity()
+
+
+class Unreachable:
+    """Stands in for a node's parent: any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"read .{name} above the request's node")
+
+
+def computed(kv: KVCacheManager, request: Request, num_tokens: int) -> None:
+    """The scheduler's part: allocate, compute `num_tokens` more, cache the full pages."""
+    kv.allocate(request, num_tokens)
+    request.num_computed_tokens += num_tokens
+    kv.cache_computed(request)
+
+
+def test_caching_a_decoded_page_reads_nothing_above_the_requests_node():
+    """The work per page is independent of the context: nothing above the request's locked node
+    is read, even when another request cached the same page first (a split and an adoption)."""
+    pool = PagePool(64)
+    cache = PrefixCache(pool, PAGE)
+    kv = KVCacheManager(pool, PAGE, cache)
+    first, second = (
+        Request(name, list(range(40)), SamplingParams(max_tokens=8), max_total_tokens=64)
+        for name in "ab"
+    )
+    for request in (first, second):
+        kv.match_prefix(request)
+        computed(kv, request, 40 - request.num_computed_tokens)
+        request.output_token_ids += [100, 101, 102, 103, 104, 105, 106, 107, 108]
+    computed(kv, first, 8)  # two pages in one node
+    held = second.prefix_node
+    above = held.parent
+    held.parent = Unreachable()
+    for _ in range(4):  # the first of those pages again, a token at a time: splits the node
+        computed(kv, second, 1)
+    held.parent = above
+    assert second.prefix_node.parent is held and second.num_inserted_pages == 11
+    assert second.page_ids[:11] == first.page_ids[:11]  # adopted the tree's copy
+    assert (held.lock_count, second.prefix_node.lock_count) == (2, 2)
+    cache.check_integrity()
+    for request in (first, second):
+        kv.free(request)
+    cache.check_integrity()
+    assert cache.num_evictable_pages == cache.num_cached_pages == 12
+
+
 # --- locks ------------------------------------------------------------------------------------
 
 
@@ -217,6 +276,23 @@ def test_lock_counts_run_up_to_the_root():
     cache.unlock(deep)
     cache.unlock(mid)
     assert (deep.lock_count, mid.lock_count, cache.root.lock_count) == (0, 0, 0)
+
+
+def test_move_lock_counts_the_lock_only_below_the_old_node():
+    pool, cache = make_cache()
+    cache_finished(pool, cache, A)
+    mid = cache.match(A[:9]).node
+    deep = cache.match([*A, 0]).node
+    cache.lock(mid)
+    cache.lock(mid)
+    cache.move_lock(mid, deep)
+    assert (deep.lock_count, mid.lock_count, cache.root.lock_count) == (1, 2, 2)
+    assert cache.num_evictable_pages == 0
+    cache.check_integrity()
+    cache.unlock(mid)
+    cache.unlock(deep)
+    assert cache.root.lock_count == 0 and cache.num_evictable_pages == 3
+    cache.check_integrity()
 
 
 def test_unlock_without_a_lock_is_an_error():
@@ -355,6 +431,25 @@ def corrupt_page_count(pool: PagePool, cache: PrefixCache) -> None:
     cache._num_cached_pages += 1
 
 
+def corrupt_freeable_count(pool: PagePool, cache: PrefixCache) -> None:
+    namespace_node(cache).children[(0, 1, 2, 3)].num_freeable -= 1
+
+
+def corrupt_evictable_count(pool: PagePool, cache: PrefixCache) -> None:
+    cache._num_evictable_pages -= 1
+
+
+def corrupt_lru_heap(pool: PagePool, cache: PrefixCache) -> None:
+    cache._lru.remove(next(entry for entry in cache._lru if entry[3] == entry[-1].lru_seq))
+
+
+def corrupt_lru_order(pool: PagePool, cache: PrefixCache) -> None:
+    leaf = namespace_node(cache).children[(0, 1, 2, 3)].children[(4, 5, 6, 7)]
+    cache._touch(leaf)  # a newer entry for `leaf`, then the older one made live again
+    stale = next(entry for entry in cache._lru if entry[-1] is leaf and entry[3] != leaf.lru_seq)
+    leaf.lru_seq = stale[3]
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
@@ -363,6 +458,10 @@ def corrupt_page_count(pool: PagePool, cache: PrefixCache) -> None:
         (corrupt_duplicate_page, "is in nodes"),
         (corrupt_child_key, "keyed"),
         (corrupt_page_count, "num_cached_pages"),
+        (corrupt_freeable_count, "freeable pages, the pool says"),
+        (corrupt_evictable_count, "num_evictable_pages says"),
+        (corrupt_lru_heap, "LRU entry"),
+        (corrupt_lru_order, "LRU entry"),
     ],
 )
 def test_check_integrity_catches(corrupt: Callable[[PagePool, PrefixCache], None], message: str):
@@ -393,7 +492,9 @@ class SimRequest:
 class PrefixCacheMachine(RuleBasedStateMachine):
     """Requests match, retain, lock, allocate, insert, finish; eviction runs when pages run out.
     Some requests skip the cache (their pages duplicate the tree's) or drop their lock (the tree
-    then holds unlocked pages a request still uses): evict must free only what it can.
+    then holds unlocked pages a request still uses): evict must free only what it can. Running
+    requests extend their prefix as the engine does (insert below their node, adopt the tree's
+    copies, move the lock down), between evictions.
 
     The model: every cached prefix and the page holding its last page, plus each running
     request's page table. Together they give every page's exact reference count.
@@ -447,6 +548,42 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         ns, prefix = sorted(self.cached)[pick % len(self.cached)]
         self.admit([*prefix, *suffix], ns, use_cache, keep_lock)
 
+    @precondition(lambda self: any(r.node is not None for r in self.running))
+    @rule(pick=st.integers(0, 100), suffix=st.lists(st.integers(0, 2), min_size=1, max_size=7))
+    def extend(self, pick: int, suffix: list[int]) -> None:
+        """A locked request computes more whole pages; the tree may hold some of them already."""
+        request = self.pick_locked(pick)
+        num_pages = len(suffix) // SIM_PAGE
+        if self.pool.num_free < num_pages:
+            self.evict_and_check(num_pages - self.pool.num_free)
+        if self.pool.num_free < num_pages:
+            return
+        tokens = suffix[: num_pages * SIM_PAGE]
+        own = self.pool.allocate(num_pages)
+        node = self.cache.insert(tokens, own, request.namespace, after=request.node)
+        tree_pages = self.cache.prefix_pages(node, after=request.node)
+        assert len(tree_pages) == num_pages
+        for mine, tree_page in zip(own, tree_pages):
+            if mine != tree_page:  # the cache_manager's adoption
+                self.pool.retain([tree_page])
+                self.pool.release([mine])
+        self.cache.move_lock(request.node, node)
+        prefix = request.cached_prefix + tuple(tokens)
+        done = len(request.cached_prefix) // SIM_PAGE
+        for k, page in enumerate(tree_pages, start=done + 1):
+            # The tree's page for that prefix: the one it held already, or the request's.
+            assert self.cached.setdefault((request.namespace, prefix[: k * SIM_PAGE]), page) == page
+        request.cached_prefix, request.node = prefix, node
+        request.page_ids += tree_pages
+
+    @precondition(lambda self: any(r.node is not None for r in self.running))
+    @rule(pick=st.integers(0, 100))
+    def drop_lock(self, pick: int) -> None:
+        """A request lets its lock go but keeps its pages: they stay cached, unlocked."""
+        request = self.pick_locked(pick)
+        self.cache.unlock(request.node)
+        request.node = None
+
     @precondition(lambda self: self.running)
     @rule(pick=st.integers(0, 100))
     def finish(self, pick: int) -> None:
@@ -487,6 +624,10 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.evict_and_check(SIM_PAGES)
         assert self.pool.num_free == SIM_PAGES and self.cache.num_cached_pages == 0
         assert self.cache.root.children == {} and self.cache.root.lock_count == 0
+
+    def pick_locked(self, pick: int) -> SimRequest:
+        locked = [r for r in self.running if r.node is not None]
+        return locked[pick % len(locked)]
 
     def release(self, request: SimRequest) -> None:
         if request.node is not None:
