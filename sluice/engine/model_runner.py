@@ -1,4 +1,8 @@
-"""Turns a scheduled batch into flat tensors, runs the model, samples the rows that finish a step."""
+"""Turns a scheduled batch into flat tensors, runs the model, samples the rows that finish a step.
+
+The runner owns the engine's caches (`KVCache`, and `StateCache` for hybrid models) and the
+attention backend chosen at start; each step it hands them to the model in a `ForwardContext`
+built from plain lists (`forward_context`)."""
 
 from __future__ import annotations
 
@@ -7,15 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
+from sluice.attention.select import select_backend
+from sluice.cache.kv_cache import KVCache
+from sluice.cache.state_cache import StateCache
 from sluice.config import ModelConfig
-from sluice.engine.compiled_step import compiled_step, step_metadata_for
+from sluice.engine.compiled_step import compiled_step
 from sluice.engine.request import Request, TokenLogprob
 from sluice.engine.scheduler import ScheduledBatch
-from sluice.engine.state_pool import StateOp, StatePool
-from sluice.layers.attention import AttentionMetadata, DecodeMetadata
+from sluice.engine.state_pool import StatePool
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.sampler import Sampler, SamplingBatch
-from sluice.layers.state import StateMetadata, bind_state, spec_bytes
-from sluice.memory import lazy_zeros
+from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 
 
@@ -26,26 +32,12 @@ class SampledToken:
     logprob: TokenLogprob | None
 
 
-def allocate_kv_cache(
-    model: CausalLM,
-    num_pages: int,
-    page_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Give every attention layer zeroed K and V pools; a model serves one cache at a time."""
-    config = model.config
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    for attn in model.attention_layers():
-        attn.bind_cache(lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device))
-
-
 def allocate_state(
     model: CausalLM, num_slots: int, dtype: torch.dtype, device: torch.device
-) -> None:
-    """Give every recurrent layer of a hybrid model zeroed state tensors of `num_slots` slots."""
-    for layer in model.state_layers():
-        bind_state(layer, layer.state_spec(dtype), num_slots, device)
+) -> StateCache:
+    """Zeroed state of `num_slots` slots for every recurrent layer of a hybrid model."""
+    specs = [layer.state_spec(dtype) for layer in model.state_layers()]
+    return StateCache.allocate(specs, num_slots, device)
 
 
 def state_bytes_per_slot(model: CausalLM, dtype: torch.dtype) -> int:
@@ -76,19 +68,27 @@ class ModelRunner:
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
-        allocate_kv_cache(model, num_pages, page_size, kv_dtype, device)
-        if state_pool is not None:
+        self.kv_cache = KVCache.allocate(model.config, num_pages, page_size, kv_dtype, device)
+        self.state_cache = (
             allocate_state(model, state_pool.num_slots, dtype, device)
-            self._state_tensors = [
-                getattr(layer, name)
-                for layer in model.state_layers()
-                for name in layer.state_spec(dtype)
-            ]
-        self.compiled_step = compiled_step(model, page_size, device) if compile else None
+            if state_pool is not None
+            else None
+        )
+        head_dim = model.config.head_dim
+        self.compiled_step = (
+            compiled_step(model, self.kv_cache, select_backend(head_dim, device, compiled=True))
+            if compile
+            else None
+        )
+        self.backend = (
+            self.compiled_step.backend
+            if self.compiled_step is not None
+            else select_backend(head_dim, device, compiled=False)
+        )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        input_ids, meta = self._prepare_inputs(batch)
+        input_ids, ctx = self._prepare_inputs(batch)
         to_sample = [
             (row, req)
             for row, (req, n) in enumerate(zip(batch.requests, batch.num_tokens))
@@ -98,40 +98,45 @@ class ModelRunner:
         rows = [last_token_rows[row] - 1 for row, _ in to_sample]
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         if self.compiled_step is not None:
-            logits = self.compiled_step(input_ids, meta, rows)
-        elif self.state_pool is None:
-            logits = self.model.compute_logits(self.model(input_ids, meta)[rows])
+            logits = self.compiled_step(input_ids, ctx, rows)
         else:
-            self._apply_state_ops(self.state_pool.take_ops())
-            slots = [req.state_slot for req in batch.requests]
-            state = StateMetadata.build(batch.num_tokens, slots, self.device)
-            logits = self.model.compute_logits(self.model(input_ids, meta, state)[rows])
+            if self.state_cache is not None:
+                self.state_cache.apply(self.state_pool.take_ops())
+            logits = self.model.compute_logits(self.model(input_ids, ctx)[rows])
         return self._sample(logits, [req for _, req in to_sample]) if to_sample else []
 
-    def _apply_state_ops(self, ops: list[StateOp]) -> None:
-        """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
-        for op in ops:
-            for tensor in self._state_tensors:
-                if op.source is None:
-                    tensor[op.target].zero_()
-                else:
-                    tensor[op.target].copy_(tensor[op.source])
+    def forward_context(
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        page_tables: list[list[int]],
+        state_slots: list[int] | None = None,
+    ) -> ForwardContext:
+        """The step's context over this runner's caches: `query_lens[i]` tokens of request i
+        after its `context_lens[i]` cached ones, on pages `page_tables[i]`, in state slot
+        `state_slots[i]` (hybrid models)."""
+        return ForwardContext.build(
+            self.backend,
+            self.kv_cache,
+            query_lens,
+            context_lens,
+            page_tables,
+            self.device,
+            self.state_cache,
+            state_slots,
+        )
 
-    def _prepare_inputs(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, AttentionMetadata | DecodeMetadata]:
+    def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext]:
         token_ids: list[int] = []
         for req, n in zip(batch.requests, batch.num_tokens):
             token_ids.extend(req.token_ids(req.num_computed_tokens, req.num_computed_tokens + n))
-        build = AttentionMetadata.build if self.compiled_step is None else step_metadata_for
-        meta = build(
+        ctx = self.forward_context(
             batch.num_tokens,
             [req.num_computed_tokens for req in batch.requests],
             [req.page_ids for req in batch.requests],
-            self.page_size,
-            self.device,
+            [req.state_slot for req in batch.requests] if self.state_cache is not None else None,
         )
-        return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
+        return torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         self._suppress_early_stops(logits, requests)
