@@ -13,10 +13,10 @@ not specialized, not even to 0 or 1):
 Both take the step's forward context as an argument, KV cache included: engines sharing a model
 share its graphs, each stepping its own cache through them.
 
-Both are compiled at engine start (inductor's on-disk cache makes later starts much faster),
-by running the attention backend's capture steps; where it fails (no C++ compiler, say), the engine logs why and runs
-eagerly. Weights are not frozen into the graphs: freezing was no faster per step here and
-defeats the autograd-level cache.
+Both are compiled at engine start (inductor's on-disk cache makes later starts much faster)
+by running the attention backend's capture steps; where that fails (no C++ compiler, say), the
+engine logs why and runs eagerly. Weights are not frozen into the graphs: freezing was no
+faster per step here and defeats the autograd-level cache.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def _step_guards(guards: list) -> list[bool]:
     the token ids, the rows, and in the forward context the metadata's tensors and the KV cache's
     K and V, two tensors for all layers) and global state (grad mode, default device). Drop the
     rest, thousands on the model's structure and weights (fixed once it is loaded) and on the
-    context's Python objects (one kind per graph): checking them cost a sixth of a single-stream
-    decode step. A cache of another dtype or layout fails K's guard and gets graphs of its own;
-    one of another size does not (its page count is dynamic)."""
+    context's Python objects (one kind per graph), whose checks would cost a sizeable share of a
+    decode step (docs/benchmarks.md). A cache of another dtype or layout fails K's guard and
+    gets graphs of its own; one of another size does not (its page count is dynamic)."""
     return [
         guard.guard_type in _STATE_GUARDS
         or (guard.guard_type == "TENSOR_MATCH" and _is_step_argument(guard.name))

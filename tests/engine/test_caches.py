@@ -80,18 +80,18 @@ def test_two_engines_over_two_models_step_alternately(tiny):
 def test_engines_sharing_a_model_step_alternately(make_llm):
     """Two compiled engines over the one default model, with caches of different sizes, step in
     turn through the model's graphs: each gives the tokens it gives alone (the second time from
-    its own prefix cache, which a shared cache would have overwritten), and nothing is compiled
-    again."""
+    its own prefix cache, which a shared cache would have overwritten), and neither compiles
+    anything once built."""
     engines = [make_llm(num_pages=64).engine, make_llm(num_pages=40).engine]
     assert engines[0].runner.compiled_step is engines[1].runner.compiled_step
     assert engines[0].runner.kv_cache.k is not engines[1].runner.kv_cache.k
     prompts = [
         engine.encode_prompt(p) for engine, p in zip(engines, ("Once upon a time", "The sky is"))
     ]
+    graphs = counters["stats"]["unique_graphs"]
     alone = [
         greedy_alternately([(engine, prompt)], 12)[0] for engine, prompt in zip(engines, prompts)
     ]
-    graphs = counters["stats"]["unique_graphs"]
     assert greedy_alternately(list(zip(engines, prompts)), 12) == alone
     assert counters["stats"]["unique_graphs"] == graphs
     for engine in engines:
