@@ -12,8 +12,8 @@ form (`chunked_gated_delta_rule`), which turns each chunk of tokens into a few m
 In front sits a short causal conv1d over q, k and v; behind, a norm gated by silu(z).
 
 Per state slot the layer keeps, in the state cache, the conv state (the last `kernel - 1` conv
-inputs) and the recurrent state S (in float32: it accumulates over the whole sequence). There is no flash-linear-
-attention kernel path here: both forms are plain PyTorch.
+inputs) and the recurrent state S (in float32: it accumulates over the whole sequence). There is
+no flash-linear-attention kernel path here: both forms are plain PyTorch.
 """
 
 from __future__ import annotations
