@@ -99,6 +99,13 @@ class ModelConfig:
             return self.num_layers
         return self.layer_types.count(FULL_ATTENTION)
 
+    def cache_index(self, layer: int) -> int:
+        """Layer `layer`'s index among the layers of its kind: attention layers index the KV
+        cache, recurrent layers the state cache."""
+        if not self.layer_types:
+            return layer
+        return self.layer_types[:layer].count(self.layer_types[layer])
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)

@@ -31,7 +31,8 @@ def smollm(default_gguf: Path) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def default_model(default_gguf) -> LoadedModel:
-    """The fp32 reference path, loaded once per session; engines built on it rebind its KV cache."""
+    """The fp32 reference path, loaded once per session; engines built on it share it, each with
+    caches of its own."""
     return load_model(default_gguf, torch.device("cpu"), torch.float32, quantization="none")
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from sluice.attention.sdpa import SdpaBackend
 from sluice.bench.tiny_checkpoint import VOCAB_SIZE
-from sluice.engine.model_runner import allocate_kv_cache, allocate_state
-from sluice.layers.attention import AttentionMetadata
+from sluice.cache.kv_cache import KVCache
+from sluice.cache.state_cache import StateCache
+from sluice.engine.model_runner import allocate_state
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.state import StateMetadata
 from sluice.loaders import safetensors
 from sluice.models.registry import MODEL_CLASSES
@@ -15,52 +18,65 @@ PAGE_SIZE = 4
 NUM_PAGES = 256
 
 
-def load_ours(folder, num_seqs: int = 8):
+def load_ours(folder):
     config = safetensors.read_hf_config(folder)
     model = MODEL_CLASSES[config.architecture](config)
     model.load_weights(safetensors.read_hf_tensors(folder), torch.float32)
-    allocate_kv_cache(model, NUM_PAGES, PAGE_SIZE, torch.float32, torch.device("cpu"))
-    if config.is_hybrid:
-        allocate_state(model, 2 * num_seqs + 1, torch.float32, torch.device("cpu"))
     return model.eval()
 
 
 class PagedRunner:
     """Feeds chunks of several sequences through the model, each with its own page table and,
-    for hybrid models, its own state slot."""
+    for hybrid models, its own state slot, over caches of its own."""
 
     def __init__(self, model, num_seqs: int) -> None:
         self.model = model
+        cpu = torch.device("cpu")
+        self.kv_cache = KVCache.allocate(model.config, NUM_PAGES, PAGE_SIZE, torch.float32, cpu)
+        self.state_cache = (
+            allocate_state(model, 2 * num_seqs + 1, torch.float32, cpu)
+            if model.config.is_hybrid
+            else None
+        )
         # Interleave page ids across sequences, and skip every other state slot, so a wrong page
         # table or slot cannot go unnoticed.
         self.tables = [list(range(s, NUM_PAGES, num_seqs)) for s in range(num_seqs)]
         self.slots = [2 * s + 1 for s in range(num_seqs)]
         self.done = [0] * num_seqs
-        for layer in model.state_layers():  # fresh sequences start from zero state
-            for name in layer.state_spec(torch.float32):
-                getattr(layer, name)[self.slots] = 0
 
     @torch.inference_mode()
     def run(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         seqs = list(chunks)
         lens = [len(chunks[s]) for s in seqs]
-        device = torch.device("cpu")
-        meta = AttentionMetadata.build(
-            lens, [self.done[s] for s in seqs], [self.tables[s] for s in seqs], PAGE_SIZE, device
+        ctx = ForwardContext.build(
+            SdpaBackend(),
+            self.kv_cache,
+            lens,
+            [self.done[s] for s in seqs],
+            [self.tables[s] for s in seqs],
+            torch.device("cpu"),
+            self.state_cache,
+            [self.slots[s] for s in seqs],
         )
         ids = torch.tensor([t for s in seqs for t in chunks[s]])
-        if self.model.config.is_hybrid:
-            state = StateMetadata.build(lens, [self.slots[s] for s in seqs], device)
-            hidden = self.model(ids, meta, state)
-        else:
-            hidden = self.model(ids, meta)
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(self.model(ids, ctx))
         out, start = {}, 0
         for s in seqs:
             out[s] = logits[start : start + len(chunks[s])]
             start += len(chunks[s])
             self.done[s] += len(chunks[s])
         return out
+
+
+def state_cache_of(layer, num_slots: int) -> StateCache:
+    """A state cache for one recurrent layer alone (its `state_index` is 0)."""
+    return StateCache.allocate([layer.state_spec(torch.float32)], num_slots, torch.device("cpu"))
+
+
+def recurrent_step(layer, cache: StateCache, x, query_lens: list[int], slots: list[int]):
+    """One step of a recurrent layer alone: `query_lens[i]` rows of x in state slot `slots[i]`."""
+    state = StateMetadata.build(query_lens, slots, x.device)
+    return layer(x, ForwardContext(None, None, None, state, cache))
 
 
 def token_ids(results) -> list[list[int]]:

@@ -8,17 +8,20 @@ not specialized, not even to 0 or 1):
 - decodes alone, the steady state of every stream: attention is traced in (cache writes as
   in-place scatters, the paged decode kernel), so no Python runs between layers;
 - every other step (prefill chunks, alone or beside decodes): attention is an opaque operator
-  (layers/attention.py), so variable-length prompts and their masks stay out of the graph.
+  (attention/opaque.py), so variable-length prompts and their masks stay out of the graph.
 
-Compiling both takes about 90 s on a first start on two cores, much less once inductor's
-on-disk cache holds them; where it fails (no C++ compiler, say), the engine logs why and runs
-eagerly. Weights are not frozen into the graphs: freezing measured no faster per step here and
-defeats the autograd-level cache.
+Both take the step's forward context as an argument, KV cache included: engines sharing a model
+share its graphs, each stepping its own cache through them.
+
+Both are compiled at engine start (inductor's on-disk cache makes later starts much faster)
+by running the attention backend's capture steps; where that fails (no C++ compiler, say), the
+engine logs why and runs eagerly. Weights are not frozen into the graphs: freezing was no
+faster per step here and defeats the autograd-level cache.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import time
 import types
@@ -26,7 +29,11 @@ from collections.abc import Callable
 
 import torch
 
-from sluice.layers.attention import AttentionMetadata, DecodeMetadata, step_metadata
+from sluice.attention import opaque
+from sluice.attention.backend import AttentionBackend
+from sluice.attention.metadata import DecodeMetadata
+from sluice.cache.kv_cache import KVCache
+from sluice.layers.forward_context import ForwardContext
 from sluice.memory import loading_allocations_mapped
 from sluice.models.base import CausalLM
 
@@ -37,94 +44,97 @@ class CompiledStep:
     """Two graphs over one model: decodes alone, with attention traced in, and every other step
     (prefill chunks, alone or beside decodes), with attention as the opaque operator."""
 
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, backend: AttentionBackend) -> None:
         self.model = model
+        self.backend = backend  # the paged backend the graphs were captured with
+        self._opaque = opaque.OpaqueBackend(backend)
         # size_asserts off: checking every operator output's shape costs ~0.5 ms a step.
-        guard_filter = functools.partial(_step_guards, model)
-        options = {"size_asserts": False, "guard_filter_fn": guard_filter}
+        options = {"size_asserts": False, "guard_filter_fn": _step_guards}
         self._decode_graph = torch.compile(_own_code(_step), fullgraph=True, options=options)
         self._graph = torch.compile(_own_code(_step), fullgraph=True, options=options)
 
     def __call__(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata | DecodeMetadata, rows: torch.Tensor
+        self, input_ids: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [R, vocab] of the R token rows `rows` of the step's T tokens `input_ids`."""
-        for per_token in (input_ids, meta.positions, meta.slot_mapping, rows):
+        """Logits [R, vocab] of the R token rows `rows` of the step's T tokens `input_ids`; `ctx`
+        is built by `self.backend`, over any KV cache of the model's layout and dtype."""
+        for per_token in (input_ids, rows):
             torch._dynamo.decorators.mark_unbacked(per_token, 0)
-        if isinstance(meta, DecodeMetadata):
-            torch._dynamo.decorators.mark_unbacked(meta.page_tables, 0)
-            torch._dynamo.decorators.mark_unbacked(meta.kv_lens, 0)
-            torch._dynamo.mark_dynamic(meta.page_tables, 1)
-            return self._decode_graph(self.model, input_ids, meta, rows)
-        with step_metadata(meta):
-            return self._graph(self.model, input_ids, meta, rows)
+        self.backend.mark_dynamic(ctx.attn)
+        if isinstance(ctx.attn, DecodeMetadata):
+            return self._decode_graph(self.model, input_ids, ctx, rows)
+        with opaque.installed(ctx):
+            traced_ctx = dataclasses.replace(ctx, backend=self._opaque)
+            return self._graph(self.model, input_ids, traced_ctx, rows)
 
 
 def _step(
-    model: CausalLM,
-    input_ids: torch.Tensor,
-    meta: AttentionMetadata | DecodeMetadata,
-    rows: torch.Tensor,
+    model: CausalLM, input_ids: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor
 ) -> torch.Tensor:
-    return model.compute_logits(model(input_ids, meta)[rows])
+    return model.compute_logits(model(input_ids, ctx)[rows])
 
 
 def _own_code(function: Callable) -> Callable:
     """A copy of `function` with a code object of its own. Dynamo keeps compiled graphs per code
     object: a copy per graph and model means each cache only ever sees one model and one kind of
-    step, so nothing has to tell models or step kinds apart at run time (see `_input_guards`)."""
+    step, so nothing has to tell models or step kinds apart at run time (see `_step_guards`)."""
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
 
 
-def _step_guards(model: CausalLM, guards: list) -> list[bool]:
-    """Keep the guards on what may differ between calls: the step's own tensors (its arguments),
-    the KV pools, and global state (grad mode, default device). The pools are guarded through the
-    first layer's pair: `allocate_kv_cache` gives every layer pools alike, in one call, and an
-    engine sharing the model rebinds them all. Drop the rest, thousands on the model's structure
-    and weights (fixed once it is loaded): checking them cost ~1.7 ms a step, a sixth of a
-    single-stream decode step (the last 0.7 ms the weight and pool tensors' own)."""
-    first = model.attention_layers()[0]
-    pools = (first.k_cache, first.v_cache)
+def _step_guards(guards: list) -> list[bool]:
+    """Keep the guards on what may differ between calls: the step's own tensors (its arguments:
+    the token ids, the rows, and in the forward context the metadata's tensors and the KV cache's
+    K and V, two tensors for all layers) and global state (grad mode, default device). Drop the
+    rest, thousands on the model's structure and weights (fixed once it is loaded) and on the
+    context's Python objects (one kind per graph), whose checks would cost a sizeable share of a
+    decode step (docs/benchmarks.md). A cache of another dtype or layout fails K's guard and
+    gets graphs of its own; one of another size does not (its page count is dynamic)."""
     return [
         guard.guard_type in _STATE_GUARDS
-        or (
-            guard.guard_type == "TENSOR_MATCH"
-            and (_is_step_argument(guard.name) or any(guard.value is pool for pool in pools))
-        )
+        or (guard.guard_type == "TENSOR_MATCH" and _is_step_argument(guard.name))
         for guard in guards
     ]
 
 
 def _is_step_argument(source: str) -> bool:
-    return source.split(".")[0] in ("input_ids", "meta", "rows")
+    return source.split(".")[0] in ("input_ids", "ctx", "rows")
 
 
 _STATE_GUARDS = frozenset({"GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE", "TORCH_FUNCTION_STATE"})
 
 
-def compiled_step(model: CausalLM, page_size: int, device: torch.device) -> CompiledStep | None:
+def compiled_step(
+    model: CausalLM, kv_cache: KVCache, backend: AttentionBackend
+) -> CompiledStep | None:
     """The model's compiled step: compiled on first call and kept on the model, so engines
-    that share a model share it (attention reads each engine's own cache through the operator).
-    None, with the reason logged, where the model or the toolchain can't be compiled."""
+    that share a model share it (each passes its own cache in). None, with the reason logged,
+    where the model or the toolchain can't be compiled."""
     if not hasattr(model, "_compiled_step"):
-        model._compiled_step = _compile(model, page_size, device)
+        model._compiled_step = _compile(model, kv_cache, backend)
     return model._compiled_step
 
 
-def _compile(model: CausalLM, page_size: int, device: torch.device) -> CompiledStep | None:
-    """Compile both graphs by running steps into page 0 (a slot is always written before it is
-    read, so what they leave there is never seen)."""
+def _compile(model: CausalLM, kv_cache: KVCache, backend: AttentionBackend) -> CompiledStep | None:
+    """Capture both graphs by running steps into page 0 of `kv_cache` (a slot is always written
+    before it is read, so what they leave there is never seen)."""
     if model.config.is_hybrid:
         logger.info("compile: hybrid models run eagerly (their recurrent layers are not compiled)")
         return None
     logger.info("compiling the model step (tens of seconds on a first start, then cached)")
     start = time.perf_counter()
-    compiled = CompiledStep(model)
+    compiled = CompiledStep(model, backend)
+    device = kv_cache.k.device
     try:
         # the runner's tensors are inference tensors: so are these
         with torch.inference_mode(), loading_allocations_mapped():
             for query_lens, context_lens in _WARMUP_STEPS:
-                compiled(*_warmup_step(query_lens, context_lens, page_size, device))
+                meta = backend.metadata_for_capture(
+                    query_lens, context_lens, kv_cache.page_size, device
+                )
+                ctx = ForwardContext(meta, kv_cache, backend)
+                ids = torch.zeros(sum(query_lens), dtype=torch.long, device=device)
+                rows = torch.tensor(query_lens, device=device).cumsum(0) - 1
+                compiled(ids, ctx, rows)
     except Exception as error:  # inductor fails in many ways (no compiler, headers, ...)
         logger.warning("compile failed, running eagerly: %s", error)
         return None
@@ -136,26 +146,3 @@ def _compile(model: CausalLM, page_size: int, device: torch.device) -> CompiledS
 # (batch, pages, tokens), so the kernels compile general in each rather than for sizes that
 # happened to be equal.
 _WARMUP_STEPS = (([1], [0]), ([1, 1], [40, 0]), ([3], [0]), ([1, 2, 1], [40, 0, 7]))
-
-
-def _warmup_step(
-    query_lens: list[int], context_lens: list[int], page_size: int, device: torch.device
-) -> tuple[torch.Tensor, AttentionMetadata | DecodeMetadata, torch.Tensor]:
-    """A step whose every token goes to page 0, sampling each sequence's last token."""
-    tables = [[0] * (-(-(c + q) // page_size)) for c, q in zip(context_lens, query_lens)]
-    meta = step_metadata_for(query_lens, context_lens, tables, page_size, device)
-    rows = torch.tensor(query_lens, device=device).cumsum(0) - 1
-    return torch.zeros(sum(query_lens), dtype=torch.long, device=device), meta, rows
-
-
-def step_metadata_for(
-    query_lens: list[int],
-    context_lens: list[int],
-    page_tables: list[list[int]],
-    page_size: int,
-    device: torch.device,
-) -> AttentionMetadata | DecodeMetadata:
-    """What a compiled step takes: decodes alone go to the graph with attention traced in."""
-    if all(n == 1 for n in query_lens):
-        return DecodeMetadata.build(context_lens, page_tables, page_size, device)
-    return AttentionMetadata.build(query_lens, context_lens, page_tables, page_size, device, True)

@@ -1,42 +1,35 @@
-"""Turns a scheduled batch into flat tensors, runs the model, samples the rows that finish a step."""
+"""The in-process executor: turns a step's plain data into flat tensors, runs the model, samples
+the rows that sample.
+
+The runner owns the engine's caches (`KVCache`, and `StateCache` for hybrid models) and the
+attention backend chosen at start; each step it hands them to the model in a `ForwardContext`
+built from plain lists (`forward_context`)."""
 
 from __future__ import annotations
 
 import torch
 
+from sluice.attention.select import select_backend
+from sluice.cache.kv_cache import KVCache
+from sluice.cache.state_cache import StateCache
 from sluice.config import ModelConfig
-from sluice.engine.compiled_step import compiled_step, step_metadata_for
+from sluice.engine.compiled_step import compiled_step
 from sluice.engine.request import TokenLogprob
-from sluice.engine.state_pool import StateOp, StatePool
+from sluice.engine.state_pool import StatePool
 from sluice.engine.step import SampledToken, SamplingRow, ScheduledRequest, StepInput, StepOutput
-from sluice.layers.attention import AttentionMetadata, DecodeMetadata
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.sampler import Sampler, SamplingBatch
-from sluice.layers.state import StateMetadata, bind_state, spec_bytes
-from sluice.memory import lazy_zeros
+from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 from sluice.sampling_params import SamplingParams
 
 
-def allocate_kv_cache(
-    model: CausalLM,
-    num_pages: int,
-    page_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Give every attention layer zeroed K and V pools; a model serves one cache at a time."""
-    config = model.config
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    for attn in model.attention_layers():
-        attn.bind_cache(lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device))
-
-
 def allocate_state(
     model: CausalLM, num_slots: int, dtype: torch.dtype, device: torch.device
-) -> None:
-    """Give every recurrent layer of a hybrid model zeroed state tensors of `num_slots` slots."""
-    for layer in model.state_layers():
-        bind_state(layer, layer.state_spec(dtype), num_slots, device)
+) -> StateCache:
+    """Zeroed state of `num_slots` slots for every recurrent layer of a hybrid model."""
+    specs = [layer.state_spec(dtype) for layer in model.state_layers()]
+    return StateCache.allocate(specs, num_slots, device)
 
 
 def state_bytes_per_slot(model: CausalLM, dtype: torch.dtype) -> int:
@@ -68,57 +61,69 @@ class ModelRunner:
         self.sampler = Sampler()
         self.state_pool = state_pool
         self._generators: dict[str, torch.Generator] = {}  # seeded requests' own, by id
-        allocate_kv_cache(model, num_pages, page_size, kv_dtype, device)
-        if state_pool is not None:
+        self.kv_cache = KVCache.allocate(model.config, num_pages, page_size, kv_dtype, device)
+        self.state_cache = (
             allocate_state(model, state_pool.num_slots, dtype, device)
-            self._state_tensors = [
-                getattr(layer, name)
-                for layer in model.state_layers()
-                for name in layer.state_spec(dtype)
-            ]
-        self.compiled_step = compiled_step(model, page_size, device) if compile else None
+            if state_pool is not None
+            else None
+        )
+        head_dim = model.config.head_dim
+        self.compiled_step = (
+            compiled_step(model, self.kv_cache, select_backend(head_dim, device, compiled=True))
+            if compile
+            else None
+        )
+        self.backend = (
+            self.compiled_step.backend
+            if self.compiled_step is not None
+            else select_backend(head_dim, device, compiled=False)
+        )
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         for request_id in step.finished_ids:
             self._generators.pop(request_id, None)
-        input_ids, meta = self._prepare_inputs(step)
+        input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
         rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
-        query_lens = [r.num_tokens for r in step.requests]
         if self.compiled_step is not None:
-            logits = self.compiled_step(input_ids, meta, rows)
-        elif self.state_pool is None:
-            logits = self.model.compute_logits(self.model(input_ids, meta)[rows])
+            logits = self.compiled_step(input_ids, ctx, rows)
         else:
-            self._apply_state_ops(step.state_ops)
-            slots = [r.state_slot for r in step.requests]
-            state = StateMetadata.build(query_lens, slots, self.device)
-            logits = self.model.compute_logits(self.model(input_ids, meta, state)[rows])
+            if self.state_cache is not None:
+                self.state_cache.apply(step.state_ops)
+            logits = self.model.compute_logits(self.model(input_ids, ctx)[rows])
         return self._sample(logits, sampling) if sampling else StepOutput()
 
-    def _apply_state_ops(self, ops: list[StateOp]) -> None:
-        """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
-        for op in ops:
-            for tensor in self._state_tensors:
-                if op.source is None:
-                    tensor[op.target].zero_()
-                else:
-                    tensor[op.target].copy_(tensor[op.source])
+    def forward_context(
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        page_tables: list[list[int]],
+        state_slots: list[int] | None = None,
+    ) -> ForwardContext:
+        """The step's context over this runner's caches: `query_lens[i]` tokens of request i
+        after its `context_lens[i]` cached ones, on pages `page_tables[i]`, in state slot
+        `state_slots[i]` (hybrid models)."""
+        return ForwardContext.build(
+            self.backend,
+            self.kv_cache,
+            query_lens,
+            context_lens,
+            page_tables,
+            self.device,
+            self.state_cache,
+            state_slots,
+        )
 
-    def _prepare_inputs(
-        self, step: StepInput
-    ) -> tuple[torch.Tensor, AttentionMetadata | DecodeMetadata]:
+    def _prepare_inputs(self, step: StepInput) -> tuple[torch.Tensor, ForwardContext]:
         token_ids = [t for r in step.requests for t in r.token_ids]
-        build = AttentionMetadata.build if self.compiled_step is None else step_metadata_for
-        meta = build(
+        ctx = self.forward_context(
             [r.num_tokens for r in step.requests],
             [r.context_len for r in step.requests],
             [r.page_ids for r in step.requests],
-            self.page_size,
-            self.device,
+            [r.state_slot for r in step.requests] if self.state_cache is not None else None,
         )
-        return torch.tensor(token_ids, dtype=torch.long, device=self.device), meta
+        return torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx
 
     def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> StepOutput:
         """Each sample row draws with its request's settings; a request's rows come in order

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from sluice.engine.model_runner import allocate_kv_cache
-from sluice.layers.attention import AttentionMetadata
+from sluice.attention.sdpa import SdpaBackend
+from sluice.cache.kv_cache import KVCache
+from sluice.layers.forward_context import ForwardContext
 from sluice.models.registry import LoadedModel
 
 
@@ -19,14 +20,14 @@ def perplexity(loaded: LoadedModel, token_ids: list[int], window: int = 512) -> 
     dtype = model.embed_tokens.dtype
     page_size = 16
     num_pages = -(-window // page_size)
-    allocate_kv_cache(model, num_pages, page_size, dtype, device)
+    kv_cache = KVCache.allocate(model.config, num_pages, page_size, dtype, device)
     nll, count = 0.0, 0
     for start in range(0, len(token_ids) - 1, window):
         chunk = token_ids[start : start + window + 1]
-        meta = AttentionMetadata.build(
-            [len(chunk) - 1], [0], [list(range(num_pages))], page_size, device
+        ctx = ForwardContext.build(
+            SdpaBackend(), kv_cache, [len(chunk) - 1], [0], [list(range(num_pages))], device
         )
-        logits = model.compute_logits(model(torch.tensor(chunk[:-1], device=device), meta))
+        logits = model.compute_logits(model(torch.tensor(chunk[:-1], device=device), ctx))
         targets = torch.tensor(chunk[1:], device=device)
         nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += len(chunk) - 1

@@ -11,9 +11,9 @@ rule). Decodes run that step batched over requests; a prefill chunk runs the equ
 form (`chunked_gated_delta_rule`), which turns each chunk of tokens into a few matmuls.
 In front sits a short causal conv1d over q, k and v; behind, a norm gated by silu(z).
 
-Per state slot the layer keeps the conv state (the last `kernel - 1` conv inputs) and the
-recurrent state S (in float32: it accumulates over the whole sequence). There is no flash-linear-
-attention kernel path here: both forms are plain PyTorch.
+Per state slot the layer keeps, in the state cache, the conv state (the last `kernel - 1` conv
+inputs) and the recurrent state S (in float32: it accumulates over the whole sequence). There is
+no flash-linear-attention kernel path here: both forms are plain PyTorch.
 """
 
 from __future__ import annotations
@@ -24,17 +24,23 @@ from torch import nn
 
 from sluice.config import GatedDeltaNetConfig
 from sluice.layers.conv1d import causal_conv1d, causal_conv1d_step
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear
 from sluice.layers.norm import GatedRMSNorm
-from sluice.layers.state import StateMetadata, StateSpec
+from sluice.layers.state import StateSpec
 
 CHUNK_SIZE = 64
 L2_NORM_EPS = 1e-6
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config: GatedDeltaNetConfig, hidden_size: int, eps: float) -> None:
+    def __init__(
+        self, config: GatedDeltaNetConfig, hidden_size: int, eps: float, state_index: int
+    ) -> None:
+        """`state_index`: the layer's index among the model's recurrent layers (its state's in
+        the state cache)."""
         super().__init__()
+        self.state_index = state_index
         self.num_key_heads, self.num_value_heads = config.num_key_heads, config.num_value_heads
         self.key_head_dim, self.value_head_dim = config.key_head_dim, config.value_head_dim
         self.key_dim = self.num_key_heads * self.key_head_dim
@@ -54,10 +60,9 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_value_heads), requires_grad=False)
         self.norm = GatedRMSNorm(self.value_head_dim, eps)
         self.out_proj = Linear(self.value_dim, hidden_size)
-        self.conv_state: torch.Tensor | None = None  # [num_slots, conv_dim, kernel - 1]
-        self.recurrent_state: torch.Tensor | None = None  # [num_slots, heads, key_dim, value_dim]
 
     def state_spec(self, dtype: torch.dtype) -> StateSpec:
+        """conv_state [conv_dim, kernel - 1], recurrent_state [heads, key_dim, value_dim]."""
         return {
             "conv_state": ((self.conv_dim, self.conv_kernel - 1), dtype),
             "recurrent_state": (
@@ -66,18 +71,29 @@ class GatedDeltaNet(nn.Module):
             ),
         }
 
-    def forward(self, x: torch.Tensor, state: StateMetadata) -> torch.Tensor:
-        """x: [T, hidden], the flat tokens of the step in the order `state` was built for."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: [T, hidden], the flat tokens of the step in the order `ctx.state` was built for."""
+        state, tensors = ctx.state, ctx.state_cache.layer(self.state_index)
+        conv_state, recurrent_state = tensors["conv_state"], tensors["recurrent_state"]
         qkv, z, b, a = self._project(x)
         beta = torch.sigmoid(b.float())
         log_decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out = x.new_empty(x.shape[0], self.num_value_heads, self.value_head_dim)
         if state.num_decodes:
             rows = state.decode_token_index
-            out[rows] = self._decode(qkv[rows], log_decay[rows], beta[rows], state.decode_slots)
+            out[rows] = self._decode(
+                qkv[rows],
+                log_decay[rows],
+                beta[rows],
+                conv_state,
+                recurrent_state,
+                state.decode_slots,
+            )
         for run in state.prefills:
             rows = slice(run.start, run.end)
-            out[rows] = self._prefill(qkv[rows], log_decay[rows], beta[rows], run.slot)
+            out[rows] = self._prefill(
+                qkv[rows], log_decay[rows], beta[rows], conv_state, recurrent_state, run.slot
+            )
         out = self.norm(out, z)
         return self.out_proj(out.flatten(1))
 
@@ -102,30 +118,36 @@ class GatedDeltaNet(nn.Module):
         return qkv, z, b.reshape(tokens, -1), a.reshape(tokens, -1)
 
     def _decode(
-        self, qkv: torch.Tensor, log_decay: torch.Tensor, beta: torch.Tensor, slots: torch.Tensor
+        self,
+        qkv: torch.Tensor,
+        log_decay: torch.Tensor,
+        beta: torch.Tensor,
+        conv_state: torch.Tensor,
+        recurrent_state: torch.Tensor,
+        slots: torch.Tensor,
     ) -> torch.Tensor:
         """One token for each of B requests, read from and written back to their slots."""
-        mixed, conv_state = causal_conv1d_step(
-            qkv, self._conv_weight(), None, self.conv_state[slots]
-        )
-        self.conv_state.index_copy_(0, slots, conv_state.to(self.conv_state.dtype))
+        mixed, new_conv = causal_conv1d_step(qkv, self._conv_weight(), None, conv_state[slots])
+        conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
         q, k, v = self._heads(mixed)
-        out, recurrent_state = gated_delta_step(
-            q, k, v, log_decay, beta, self.recurrent_state[slots]
-        )
-        self.recurrent_state.index_copy_(0, slots, recurrent_state)
+        out, new_recurrent = gated_delta_step(q, k, v, log_decay, beta, recurrent_state[slots])
+        recurrent_state.index_copy_(0, slots, new_recurrent)
         return out.to(qkv.dtype)
 
     def _prefill(
-        self, qkv: torch.Tensor, log_decay: torch.Tensor, beta: torch.Tensor, slot: int
+        self,
+        qkv: torch.Tensor,
+        log_decay: torch.Tensor,
+        beta: torch.Tensor,
+        conv_state: torch.Tensor,
+        recurrent_state: torch.Tensor,
+        slot: int,
     ) -> torch.Tensor:
         """One request's chunk of tokens, continuing from the state in its slot."""
-        mixed, self.conv_state[slot] = causal_conv1d(
-            qkv, self._conv_weight(), None, self.conv_state[slot]
-        )
+        mixed, conv_state[slot] = causal_conv1d(qkv, self._conv_weight(), None, conv_state[slot])
         q, k, v = self._heads(mixed)
-        out, self.recurrent_state[slot] = chunked_gated_delta_rule(
-            q, k, v, log_decay, beta, self.recurrent_state[slot]
+        out, recurrent_state[slot] = chunked_gated_delta_rule(
+            q, k, v, log_decay, beta, recurrent_state[slot]
         )
         return out.to(qkv.dtype)
 

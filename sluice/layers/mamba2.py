@@ -20,8 +20,9 @@ from torch import nn
 
 from sluice.config import Mamba2Config
 from sluice.layers.conv1d import causal_conv1d, causal_conv1d_step
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear
-from sluice.layers.state import StateMetadata, StateSpec
+from sluice.layers.state import StateSpec
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -55,10 +56,14 @@ class DepthwiseConv1d(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    """One Mamba2 layer; the model runner binds `conv_state` and `ssm_state` ([num_slots, ...])."""
+    """One Mamba2 layer; its `conv_state` and `ssm_state` ([num_slots, ...]) are in the state
+    cache, at `state_index` (its index among the model's recurrent layers)."""
 
-    def __init__(self, hidden_size: int, config: Mamba2Config, eps: float) -> None:
+    def __init__(
+        self, hidden_size: int, config: Mamba2Config, eps: float, state_index: int
+    ) -> None:
         super().__init__()
+        self.state_index = state_index
         if config.proj_bias:
             raise ValueError("Mamba2 projections with biases are not supported")
         self.config = config
@@ -73,10 +78,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(config.num_heads), requires_grad=False)
         self.norm = GatedGroupRMSNorm(self.inner_size, config.num_groups, eps)
         self.out_proj = Linear(self.inner_size, hidden_size)
-        self.conv_state: torch.Tensor | None = None  # [num_slots, conv_dim, kernel - 1]
-        self.ssm_state: torch.Tensor | None = None  # [num_slots, heads, head_dim, state_size]
 
     def state_spec(self, dtype: torch.dtype) -> StateSpec:
+        """conv_state [conv_dim, kernel - 1], ssm_state [heads, head_dim, state_size]."""
         c = self.config
         return {
             "conv_state": ((self.conv_dim, c.conv_kernel - 1), dtype),
@@ -84,45 +88,55 @@ class Mamba2Mixer(nn.Module):
             "ssm_state": ((c.num_heads, c.head_dim, c.state_size), torch.float32),
         }
 
-    def forward(self, x: torch.Tensor, state: StateMetadata) -> torch.Tensor:
-        """x: [T, hidden], the flat tokens of the step in `state`'s request order."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: [T, hidden], the flat tokens of the step in `ctx.state`'s request order."""
+        state, tensors = ctx.state, ctx.state_cache.layer(self.state_index)
         gate, conv_in, dt = self.in_proj(x).split(
             [self.inner_size, self.conv_dim, self.config.num_heads], dim=-1
         )
         y = gate.new_empty(x.shape[0], self.inner_size)
         if state.num_decodes:
             rows = state.decode_token_index
-            y[rows] = self._decode(conv_in[rows], dt[rows], state.decode_slots)
+            y[rows] = self._decode(conv_in[rows], dt[rows], tensors, state.decode_slots)
         for run in state.prefills:
-            y[run.start : run.end] = self._prefill(
-                conv_in[run.start : run.end], dt[run.start : run.end], run.slot
-            )
+            rows = slice(run.start, run.end)
+            y[rows] = self._prefill(conv_in[rows], dt[rows], tensors, run.slot)
         return self.out_proj(self.norm(y, gate))
 
-    def _decode(self, conv_in: torch.Tensor, dt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self,
+        conv_in: torch.Tensor,
+        dt: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
         """One token for each of b requests: [b, conv_dim] -> [b, inner]."""
-        conv_out, self.conv_state[slots] = causal_conv1d_step(
-            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, self.conv_state[slots]
+        conv_state, ssm_state = state["conv_state"], state["ssm_state"]
+        conv_out, conv_state[slots] = causal_conv1d_step(
+            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state[slots]
         )
         x, B, C = self._split_conv_out(conv_out)
-        y, self.ssm_state[slots] = ssd_step(
-            x, self._time_step(dt), self._decay_rate(), B, C, self.ssm_state[slots]
+        y, ssm_state[slots] = ssd_step(
+            x, self._time_step(dt), self._decay_rate(), B, C, ssm_state[slots]
         )
         return self._with_skip(y, x)
 
-    def _prefill(self, conv_in: torch.Tensor, dt: torch.Tensor, slot: int) -> torch.Tensor:
+    def _prefill(
+        self, conv_in: torch.Tensor, dt: torch.Tensor, state: dict[str, torch.Tensor], slot: int
+    ) -> torch.Tensor:
         """One request's chunk of L tokens: [L, conv_dim] -> [L, inner]."""
-        conv_out, self.conv_state[slot] = causal_conv1d(
-            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, self.conv_state[slot]
+        conv_state, ssm_state = state["conv_state"], state["ssm_state"]
+        conv_out, conv_state[slot] = causal_conv1d(
+            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state[slot]
         )
         x, B, C = self._split_conv_out(conv_out)
-        y, self.ssm_state[slot] = ssd_chunked(
+        y, ssm_state[slot] = ssd_chunked(
             x,
             self._time_step(dt),
             self._decay_rate(),
             B,
             C,
-            self.ssm_state[slot],
+            ssm_state[slot],
             self.config.chunk_size,
         )
         return self._with_skip(y, x)

@@ -1,7 +1,7 @@
 """How recurrent layers (Gated DeltaNet, Mamba2) see one engine step.
 
-Every request of a hybrid model owns a state slot. Each recurrent layer keeps its states in
-tensors indexed by slot (`[num_slots, ...]`, bound by the model runner like the KV pools), and
+Every request of a hybrid model owns a state slot. Each recurrent layer's states are tensors
+indexed by slot (`[num_slots, ...]`, held by the state cache, `cache/state_cache.py`), and
 the slot always holds the state after the request's already-computed tokens: the runner zeroes
 it before a request's first token and copies a prefix-cache checkpoint into it on a cache hit.
 A layer reads the slot, runs this step's tokens and writes the new state back in place.
@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from sluice.memory import lazy_zeros
 
 
 @dataclass(frozen=True)
@@ -60,14 +58,6 @@ class StateMetadata:
 
 
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # state name -> per-slot shape, dtype
-
-
-def bind_state(
-    layer: torch.nn.Module, spec: StateSpec, num_slots: int, device: torch.device
-) -> None:
-    """Bind zeroed `[num_slots, *shape]` state tensors to `layer` as attributes named in `spec`."""
-    for name, (shape, dtype) in spec.items():
-        setattr(layer, name, lazy_zeros((num_slots, *shape), dtype, device))
 
 
 def spec_bytes(specs: list[StateSpec]) -> int:

@@ -1,7 +1,9 @@
 """What every causal LM here shares: embeddings, final norm, the exact + shortlisting LM heads,
-HF-named weight loading, and discovery of the layers the runner binds caches and state to.
+HF-named weight loading, the forward over `self.layers`, and discovery of the layers that keep
+KV pages or state.
 
-A model subclass builds `self.layers` and `forward`. Weight loading is generic because module
+A model subclass builds `self.layers`, each called as `layer(x, ctx)` with the step's forward
+context. Weight loading is generic because module
 paths mirror the checkpoint's names (`model.` + our path); projections that we fuse are listed
 in FUSED_PROJECTIONS and loaded as their parts stacked by rows.
 """
@@ -17,12 +19,12 @@ from torch import nn
 
 from sluice.config import ModelConfig
 from sluice.kernels import topk_cpu
-from sluice.layers.attention import AttentionMetadata, PagedAttention
+from sluice.layers.attention import PagedAttention
 from sluice.layers.embedding import Embedding
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear, Quantization
 from sluice.layers.logits import shortlisted_logits
 from sluice.layers.norm import RMSNorm
-from sluice.layers.state import StateMetadata
 from sluice.loaders.weights import GGUFQuantTensor, WeightSource, concat_rows, to_dense
 
 # Checkpoint projections that we run as one fused matmul: fused name -> its parts, in order.
@@ -48,12 +50,20 @@ class CausalLM(nn.Module):
         # Whether sluice's kernel selects the shortlist (decided once loaded, not while tracing).
         self.native_top_k = False
 
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Flat tokens of all scheduled requests in, final hidden states out."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
     def attention_layers(self) -> list[PagedAttention]:
-        """Layers that hold KV pages, in order."""
+        """Layers that keep KV pages, in their order in the KV cache."""
         return [m for m in self.modules() if isinstance(m, PagedAttention)]
 
     def state_layers(self) -> list[nn.Module]:
-        """Recurrent layers of a hybrid model: they declare per-slot state with `state_spec`."""
+        """Recurrent layers of a hybrid model, in their order in the state cache: they declare
+        per-slot state with `state_spec`."""
         return [m for m in self.modules() if hasattr(m, "state_spec")]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -113,20 +123,6 @@ class CausalLM(nn.Module):
             self.quantized_head = None
         elif self.norm.weight.device.type == "cpu":
             self.native_top_k = topk_cpu.available()
-
-
-class HybridCausalLM(CausalLM):
-    """A model whose layers mix tokens either by attention (KV pages) or by a recurrence (state
-    slots); every layer gets both views of the step and uses its own."""
-
-    def forward(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, state: StateMetadata
-    ) -> torch.Tensor:
-        """Flat tokens of all scheduled requests in, final hidden states out."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, meta, state)
-        return self.norm(x)
 
 
 def _linear_source(weights: Mapping[str, WeightSource], name: str) -> WeightSource:

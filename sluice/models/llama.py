@@ -10,7 +10,8 @@ from torch import nn
 
 from sluice.config import ModelConfig
 from sluice.layers.activation import silu_and_mul
-from sluice.layers.attention import AttentionMetadata, PagedAttention
+from sluice.layers.attention import PagedAttention
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import RotaryEmbedding, inverse_frequencies
@@ -19,11 +20,13 @@ from sluice.models.base import CausalLM
 
 class LlamaAttention(nn.Module):
     """With `output_gate`, q_proj yields a query and a gate per head (interleaved per head, as
-    Qwen3-Next stores them) and the attention output is scaled by sigmoid(gate)."""
+    Qwen3-Next stores them) and the attention output is scaled by sigmoid(gate). `layer_index`:
+    the decoder layer's index in the model."""
 
     def __init__(
         self,
         config: ModelConfig,
+        layer_index: int,
         rotary: RotaryEmbedding,
         qk_norm_type: type[nn.Module] = RMSNorm,
         output_gate: bool = False,
@@ -40,17 +43,19 @@ class LlamaAttention(nn.Module):
         self.q_norm = qk_norm_type(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = qk_norm_type(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(
+            config.cache_index(layer_index), self.num_heads, self.num_kv_heads, self.head_dim
+        )
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q, gate = self._query_and_gate(q)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(meta.positions, q, k)
-        out = self.attn(q, k, v, meta)
+        q, k = self.rotary(ctx.attn.positions, q, k)
+        out = self.attn(q, k, v, ctx)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
@@ -76,15 +81,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config, layer_index, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,15 +98,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config)
         rotary = rotary_embedding(config, inv_freq)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary) for i in range(config.num_layers)
         )
-
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Flat tokens of all scheduled requests in, final hidden states out."""
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, meta)
-        return self.norm(x)
 
 
 def rotary_embedding(config: ModelConfig, inv_freq: torch.Tensor | None) -> RotaryEmbedding:

@@ -3,7 +3,7 @@ layers, per `config.layer_types`, each followed by a sparse MoE with a shared ex
 MLP where the config says so). All its RMSNorms are zero-centered, weight stored as offset from 1.
 
 The full-attention layers are Llama's attention with an output gate and partial rotary; the
-DeltaNet layers keep per-request state in slots, described by the step's StateMetadata.
+DeltaNet layers keep per-request state in slots of the state cache.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from sluice.config import LINEAR_ATTENTION, ModelConfig
-from sluice.layers.attention import AttentionMetadata
+from sluice.layers.forward_context import ForwardContext
 from sluice.layers.gated_delta_net import GatedDeltaNet
 from sluice.layers.moe import SparseMoE, is_sparse_layer
 from sluice.layers.norm import ZeroCenteredRMSNorm
 from sluice.layers.rotary import RotaryEmbedding
-from sluice.layers.state import StateMetadata
-from sluice.models.base import HybridCausalLM
+from sluice.models.base import CausalLM
 from sluice.models.llama import LlamaAttention, LlamaMLP, rotary_embedding
 
 
@@ -32,10 +31,12 @@ class Qwen3NextDecoderLayer(nn.Module):
         # The token mixer's attribute name is the checkpoint's: linear_attn or self_attn.
         self.is_linear = config.layer_types[layer_index] == LINEAR_ATTENTION
         if self.is_linear:
-            self.linear_attn = GatedDeltaNet(config.linear_attention, config.hidden_size, eps)
+            self.linear_attn = GatedDeltaNet(
+                config.linear_attention, config.hidden_size, eps, config.cache_index(layer_index)
+            )
         else:
             self.self_attn = LlamaAttention(
-                config, rotary, qk_norm_type=ZeroCenteredRMSNorm, output_gate=True
+                config, layer_index, rotary, qk_norm_type=ZeroCenteredRMSNorm, output_gate=True
             )
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, eps)
         if is_sparse_layer(config.moe, layer_index):
@@ -43,15 +44,13 @@ class Qwen3NextDecoderLayer(nn.Module):
         else:
             self.mlp = LlamaMLP(config)
 
-    def forward(
-        self, x: torch.Tensor, meta: AttentionMetadata, state: StateMetadata
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = x + (self.linear_attn(h, state) if self.is_linear else self.self_attn(h, meta))
+        x = x + (self.linear_attn(h, ctx) if self.is_linear else self.self_attn(h, ctx))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen3NextForCausalLM(HybridCausalLM):
+class Qwen3NextForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__(config)
         self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)

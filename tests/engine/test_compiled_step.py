@@ -11,16 +11,14 @@ from torch._dynamo.utils import counters
 
 from sluice import SamplingParams
 from sluice.api import LLM
+from sluice.attention.metadata import DecodeMetadata
+from sluice.attention.paged import paged_decode_attention, paged_decode_kernel
+from sluice.attention.sdpa import SdpaBackend
 from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 from sluice.config import EngineConfig
-from sluice.engine.compiled_step import compiled_step, step_metadata_for
 from sluice.engine.engine import Engine
-from sluice.layers.attention import (
-    AttentionMetadata,
-    DecodeMetadata,
-    paged_decode_attention,
-    paged_decode_kernel,
-)
+from sluice.engine.model_runner import ModelRunner
+from sluice.layers.forward_context import ForwardContext
 from sluice.models.registry import load_model
 
 pytestmark = pytest.mark.slow
@@ -28,11 +26,16 @@ pytestmark = pytest.mark.slow
 PAGE_SIZE = 16
 
 
-def step_metadata(
-    query_lens: list[int], context_lens: list[int], page_tables: list[list[int]]
-) -> AttentionMetadata:
-    cpu = torch.device("cpu")
-    return AttentionMetadata.build(query_lens, context_lens, page_tables, PAGE_SIZE, cpu)
+def eager_context(
+    runner: ModelRunner,
+    query_lens: list[int],
+    context_lens: list[int],
+    page_tables: list[list[int]],
+) -> ForwardContext:
+    """The step over the runner's cache through gather + SDPA, as `--no-compile` runs it."""
+    return ForwardContext.build(
+        SdpaBackend(), runner.kv_cache, query_lens, context_lens, page_tables, runner.device
+    )
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -82,13 +85,13 @@ def test_logits_match_eager_for_every_step_from_one_graph(own_model):
     config = EngineConfig.create(quantization="none", num_pages=64, kv_cache_dtype="float32")
     engine = Engine(config, loaded=own_model)  # made as engines are, outside inference mode
     with torch.inference_mode():  # as the runner calls it: grad mode would compile it again
-        check_logits_match_eager(engine.executor.model)
+        check_logits_match_eager(engine.executor)
 
 
 def test_an_engine_with_other_pools_gets_graphs_of_its_own(own_model):
-    """The graphs guard the KV pools through the first layer's pair alone (every layer's are
-    allocated alike): a second engine with float16 pools on a model compiled for fp32 ones
-    must get graphs of its own, not run the fp32 graphs over half-precision bytes."""
+    """The graphs guard the KV cache through its K and V tensors: a second engine with float16
+    pools on a model compiled for fp32 ones must get graphs of its own, not run the fp32 graphs
+    over half-precision bytes."""
 
     def engine(**options) -> LLM:
         config = EngineConfig.create(quantization="none", **options)
@@ -105,13 +108,13 @@ def test_an_engine_with_other_pools_gets_graphs_of_its_own(own_model):
     assert token_ids(eager.generate([prompt], params)) == got
 
 
-def check_logits_match_eager(model) -> None:
-    compiled = compiled_step(model, PAGE_SIZE, torch.device("cpu"))
+def check_logits_match_eager(runner: ModelRunner) -> None:
+    model, compiled = runner.model, runner.compiled_step
     assert compiled is not None
     generator = torch.Generator().manual_seed(0)
     # Fill pages 1..63 with keys and values of real tokens: one prefill of 1000 tokens.
     prefill_ids = torch.randint(0, model.config.vocab_size, (1000,), generator=generator)
-    model(prefill_ids, step_metadata([1000], [0], [list(range(1, 64))]))
+    model(prefill_ids, eager_context(runner, [1000], [0], [list(range(1, 64))]))
     graphs = counters["stats"]["unique_graphs"]
     cases = [  # query lengths, context lengths, page tables, sampled rows
         ([1], [5], [[1]], [0]),  # one stream, one page
@@ -127,25 +130,23 @@ def check_logits_match_eager(model) -> None:
         ([20], [16], [[50, 51, 52]], []),  # a chunk that samples nothing
         ([1, 37, 1], [70, 3, 12], [[1, 2, 3, 4, 5], [20, 21, 22], [30]], [0, 38]),  # mixed
     ]
-    layer = model.attention_layers()[-1]
+    last_keys = runner.kv_cache.slots(model.config.num_layers - 1)[0]
     for query_lens, context_lens, page_tables, rows in cases:
         ids = torch.randint(0, model.config.vocab_size, (sum(query_lens),), generator=generator)
         rows = torch.tensor(rows, dtype=torch.long)
-        meta = step_metadata(query_lens, context_lens, page_tables)
-        eager = model.compute_logits(model(ids, meta)[rows])
-        written = meta.slot_mapping
-        eager_keys = layer._k_slots[written].clone()
-        layer._k_slots[written] = 0  # the compiled step must write this step's keys itself
-        meta = step_metadata_for(
-            query_lens, context_lens, page_tables, PAGE_SIZE, torch.device("cpu")
-        )
-        assert isinstance(meta, DecodeMetadata) == all(n == 1 for n in query_lens)
-        got = compiled(ids, meta, rows)
+        ctx = eager_context(runner, query_lens, context_lens, page_tables)
+        eager = model.compute_logits(model(ids, ctx)[rows])
+        written = ctx.attn.slot_mapping
+        eager_keys = last_keys[written].clone()
+        last_keys[written] = 0  # the compiled step must write this step's keys itself
+        ctx = runner.forward_context(query_lens, context_lens, page_tables)
+        assert isinstance(ctx.attn, DecodeMetadata) == all(n == 1 for n in query_lens)
+        got = compiled(ids, ctx, rows)
         torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), eager.argmax(-1))
         # Prompt tokens attend through the paged kernel compiled and through SDPA eagerly: each
         # layer's outputs agree to ~1e-6, which the 29 layers before the last grow to ~3e-4.
-        torch.testing.assert_close(layer._k_slots[written], eager_keys, atol=5e-4, rtol=1e-4)
+        torch.testing.assert_close(last_keys[written], eager_keys, atol=5e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -61,14 +61,14 @@ def test_float16_kv_cache_keeps_greedy_output(make_llm):
     log-probability, and to the second of them: "List three prime numbers." parts after 10
     tokens ("\n" at -1.0340 against "3" at -1.0368), one of the 16 continuations."""
     reference = make_llm(kv_cache_dtype="float32", compile=False)
-    assert reference.engine.executor.model.attention_layers()[0].k_cache.dtype == torch.float32
+    assert reference.engine.executor.kv_cache.dtype == torch.float32
     prompts = [reference.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(max_tokens=48, ignore_eos=True, logprobs=2)
     expected = [r.outputs[0] for r in reference.generate(prompts, params)]
     parted = 0
     for compile in (True, False):
         half = make_llm(compile=compile)
-        assert half.engine.executor.model.attention_layers()[0].k_cache.dtype == torch.float16
+        assert half.engine.executor.kv_cache.dtype == torch.float16
         for want, got in zip(expected, token_ids(half.generate(prompts, params))):
             parted += assert_parts_only_at_a_near_tie(want, got)
     assert parted <= 2

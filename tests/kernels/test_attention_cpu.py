@@ -1,5 +1,6 @@
 """sluice's paged decode attention kernel (kernels/attention_cpu.cpp) against SDPA over the
-gathered pages, for every page dtype, and its checks on bad operands."""
+gathered pages, for every page dtype, and its checks on bad operands; the paged backend, which
+runs it where it can, against the SDPA backend."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sluice.attention.metadata import KERNEL_MAX_CONTEXT
+from sluice.attention.paged import PagedBackend
+from sluice.attention.sdpa import SdpaBackend
+from sluice.attention.select import select_backend
+from sluice.cache.kv_cache import KVCache
 from sluice.kernels import attention_cpu
-from sluice.layers.attention import (
-    KERNEL_MAX_CONTEXT,
-    AttentionMetadata,
-    DecodeMetadata,
-    PagedAttention,
-)
+from sluice.layers.attention import PagedAttention
+from sluice.layers.forward_context import ForwardContext
 
 native = pytest.mark.skipif(
     not attention_cpu.available(), reason="sluice's attention kernel does not run on this machine"
@@ -97,15 +99,18 @@ def test_bad_operands_are_named() -> None:
 
 
 @pytest.mark.parametrize("dim", [48, 64])
-def test_layers_of_any_head_size_decode(dim) -> None:
-    """A layer whose head size the kernel lacks (48) decodes through the tensor ops instead; where
-    the kernel does not run, every layer does."""
-    layer = PagedAttention(num_heads=4, num_kv_heads=2, head_dim=dim)
+def test_models_of_any_head_size_decode(dim) -> None:
+    """A model whose head size the kernel lacks (48) gets the paged backend of tensor ops
+    instead; where the kernel does not run, every model does."""
+    cpu = torch.device("cpu")
+    backend = select_backend(dim, cpu, compiled=True)
+    assert backend.native == (dim in attention_cpu.HEAD_DIMS and attention_cpu.available())
+    layer = PagedAttention(layer_index=0, num_heads=4, num_kv_heads=2, head_dim=dim)
     _, k_cache, v_cache, tables, _ = make_case([30, 3], 4, 2, dim, torch.float16)
-    layer.bind_cache(k_cache, v_cache)
-    meta = DecodeMetadata.build([29, 2], tables.tolist(), PAGE_SIZE, torch.device("cpu"))
+    cache = KVCache(k_cache.unsqueeze(0), v_cache.unsqueeze(0))  # one layer, the same memory
+    meta = backend.build_metadata([1, 1], [29, 2], tables.tolist(), PAGE_SIZE, cpu)
     q, k, v = torch.randn(2, 4, dim), torch.randn(2, 2, dim), torch.randn(2, 2, dim)
-    got = layer(q, k, v, meta)
+    got = layer(q, k, v, ForwardContext(meta, cache, backend))
     expected = sdpa_over_pages(q, k_cache, v_cache, tables, meta.kv_lens, dim**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -114,19 +119,21 @@ def test_prompt_chunks_attend_through_the_kernel_as_through_sdpa() -> None:
     """In compiled steps a prompt's tokens are rows of the paged kernel, each with the context up
     to itself, beside the decodes; a chunk past KERNEL_MAX_CONTEXT goes to SDPA. Every token's
     attention is SDPA's (where the kernel does not run, the compiled tensor ops take the rows)."""
-    layer = PagedAttention(num_heads=9, num_kv_heads=3, head_dim=64)
+    layer = PagedAttention(layer_index=1, num_heads=9, num_kv_heads=3, head_dim=64)
     generator = torch.Generator().manual_seed(0)
-    pools = [torch.randn(100, PAGE_SIZE, 3, 64, generator=generator) for _ in range(2)]
-    layer.bind_cache(*pools)
+    cache = KVCache(*(torch.randn(2, 100, PAGE_SIZE, 3, 64, generator=generator) for _ in "kv"))
     long = KERNEL_MAX_CONTEXT - 24  # its 40-token chunk ends past the kernel's reach
     query_lens, context_lens = [1, 37, 1, 40], [70, 3, 12, long]
     tables = [[1, 2, 3, 4, 5], [20, 21, 22], [30], list(range(31, 31 + -(-(long + 40) // 16)))]
     q = torch.randn(sum(query_lens), 9, 64, generator=generator)
     k, v = (torch.randn(sum(query_lens), 3, 64, generator=generator) for _ in range(2))
     cpu = torch.device("cpu")
-    kernel = AttentionMetadata.build(query_lens, context_lens, tables, PAGE_SIZE, cpu, True)
-    sdpa = AttentionMetadata.build(query_lens, context_lens, tables, PAGE_SIZE, cpu, False)
+    paged, sdpa = PagedBackend(attention_cpu.available()), SdpaBackend()
+    kernel = paged.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
     assert [g.kv_lens is not None for g in kernel.groups] == [True, False]
     assert kernel.groups[0].token_index.tolist() == list(range(39))  # all but the long chunk's
     assert kernel.groups[0].kv_lens.tolist() == [71, *range(4, 41), 13]
-    torch.testing.assert_close(layer(q, k, v, kernel), layer(q, k, v, sdpa), atol=1e-5, rtol=1e-5)
+    got = layer(q, k, v, ForwardContext(kernel, cache, paged))
+    meta = sdpa.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
+    expected = layer(q, k, v, ForwardContext(meta, cache, sdpa))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_harness import recurrent_step, state_cache_of
 
 from sluice.config import GatedDeltaNetConfig
 from sluice.layers.gated_delta_net import GatedDeltaNet, chunked_gated_delta_rule, gated_delta_step
-from sluice.layers.state import StateMetadata, bind_state
 
 HEADS, KEY_DIM, VALUE_DIM = 4, 16, 8
 HIDDEN = 32
@@ -69,7 +69,7 @@ def test_decode_step_matches_recurrence_for_each_request():
 @pytest.fixture(scope="module")
 def layer():
     torch.manual_seed(0)
-    layer = GatedDeltaNet(CONFIG, HIDDEN, eps=1e-6)
+    layer = GatedDeltaNet(CONFIG, HIDDEN, eps=1e-6, state_index=0)
     layer.in_proj_qkvz.weight.normal_(0, 0.3)
     layer.in_proj_ba.weight.normal_(0, 0.3)
     layer.out_proj.weight.normal_(0, 0.3)
@@ -82,9 +82,10 @@ def layer():
 
 def run_schedule(layer, sequences, slots, schedule):
     """Steps of {sequence: chunk length}, in request order; returns each sequence's outputs and
-    leaves its state in its slot. Unused slots hold noise, so reading a wrong slot shows."""
-    bind_state(layer, layer.state_spec(torch.float32), 8, torch.device("cpu"))
-    for tensor in (layer.conv_state, layer.recurrent_state):
+    the state cache, with its state in its slot. Unused slots hold noise, so reading a wrong slot
+    shows."""
+    cache = state_cache_of(layer, 8)
+    for tensor in cache.layer(0).values():
         tensor.normal_()
         tensor[slots] = 0  # fresh requests start from zeroed slots, as the runner does
     done = [0] * len(sequences)
@@ -92,12 +93,11 @@ def run_schedule(layer, sequences, slots, schedule):
     with torch.inference_mode():
         for step in schedule:
             x = torch.cat([sequences[s][done[s] : done[s] + n] for s, n in step.items()])
-            meta = StateMetadata.build(list(step.values()), [slots[s] for s in step], x.device)
-            y = layer(x, meta)
+            y = recurrent_step(layer, cache, x, list(step.values()), [slots[s] for s in step])
             for s, n in step.items():
                 outs[s].append(y[:n])
                 y, done[s] = y[n:], done[s] + n
-    return [torch.cat(o) for o in outs]
+    return [torch.cat(o) for o in outs], cache
 
 
 def test_chunks_and_batched_decodes_continue_one_prefill(layer):
@@ -106,10 +106,11 @@ def test_chunks_and_batched_decodes_continue_one_prefill(layer):
     whole = [{0: 90}, {1: 80}]
     # Chunks of odd sizes, one shorter than the conv window, then decodes of both in one batch.
     pieces = [{0: 37, 1: 2}, {0: 27, 1: 70}, {0: 1, 1: 3}, *[{0: 1, 1: 1}] * 5, {0: 20}]
-    expected = run_schedule(layer, sequences, [1, 5], whole)
-    expected_state = layer.recurrent_state[[1, 5]].clone(), layer.conv_state[[1, 5]].clone()
-    got = run_schedule(layer, sequences, [6, 3], pieces)
+    expected, expected_cache = run_schedule(layer, sequences, [1, 5], whole)
+    got, cache = run_schedule(layer, sequences, [6, 3], pieces)
     for s in range(2):
         torch.testing.assert_close(got[s], expected[s], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.recurrent_state[[6, 3]], expected_state[0])
-    torch.testing.assert_close(layer.conv_state[[6, 3]], expected_state[1])
+    for name in ("recurrent_state", "conv_state"):
+        torch.testing.assert_close(
+            cache.layer(0)[name][[6, 3]], expected_cache.layer(0)[name][[1, 5]]
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_harness import recurrent_step, state_cache_of
 
 from sluice.bench.tiny_checkpoint import tiny_config
 from sluice.config import Mamba2Config
 from sluice.layers.mamba2 import Mamba2Mixer, ssd_chunked
-from sluice.layers.state import StateMetadata, bind_state
 
 HEADS, HEAD_DIM, GROUPS, STATE_SIZE, CHUNK = 4, 32, 2, 16, 8
 HIDDEN = 64
@@ -75,36 +75,35 @@ def mixers():
             time_step_max=TIME_STEP_LIMITS[1],
         ),
         config.rms_norm_eps,
+        state_index=0,
     )
     ours.load_state_dict(reference.state_dict())
     return reference, ours
 
 
-def run_step(mixer, chunks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def run_step(mixer, cache, chunks: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """One engine step: each slot's chunk of tokens, concatenated in slot order given."""
     slots = list(chunks)
-    state = StateMetadata.build([len(chunks[s]) for s in slots], slots, torch.device("cpu"))
+    lens = [len(chunks[s]) for s in slots]
     with torch.inference_mode():
-        out = mixer(torch.cat([chunks[s] for s in slots]), state).split(
-            [len(chunks[s]) for s in slots]
-        )
-    return dict(zip(slots, out))
+        out = recurrent_step(mixer, cache, torch.cat([chunks[s] for s in slots]), lens, slots)
+    return dict(zip(slots, out.split(lens)))
 
 
 def test_prefill_matches_transformers(mixers):
     reference, ours = mixers
-    bind_state(ours, ours.state_spec(torch.float32), 4, torch.device("cpu"))
+    cache = state_cache_of(ours, 4)
     x = torch.randn(1, 29, HIDDEN, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(x)[0]
-    torch.testing.assert_close(run_step(ours, {2: x[0]})[2], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_step(ours, cache, {2: x[0]})[2], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_and_chunks_continue_from_their_slots(mixers):
     """Two requests in slots 3 and 1 run through mixed steps (prefill chunks, batched decodes);
     each must match a single pass over its whole sequence in a fresh slot."""
     _, ours = mixers
-    bind_state(ours, ours.state_spec(torch.float32), 5, torch.device("cpu"))
+    cache = state_cache_of(ours, 5)
     g = torch.Generator().manual_seed(1)
     seqs = {3: torch.randn(21, HIDDEN, generator=g), 1: torch.randn(19, HIDDEN, generator=g)}
     fresh_slot = {3: 0, 1: 4}
@@ -113,10 +112,10 @@ def test_decode_and_chunks_continue_from_their_slots(mixers):
     outputs = {slot: [] for slot in seqs}
     for step in schedule:
         chunks = {s: seqs[s][done[s] : done[s] + n] for s, n in step.items()}
-        for slot, out in run_step(ours, chunks).items():
+        for slot, out in run_step(ours, cache, chunks).items():
             outputs[slot].append(out)
             done[slot] += len(chunks[slot])
     assert done == {s: len(seq) for s, seq in seqs.items()}
     for slot, seq in seqs.items():
-        whole = run_step(ours, {fresh_slot[slot]: seq})[fresh_slot[slot]]
+        whole = run_step(ours, cache, {fresh_slot[slot]: seq})[fresh_slot[slot]]
         torch.testing.assert_close(torch.cat(outputs[slot]), whole, atol=1e-5, rtol=1e-5)

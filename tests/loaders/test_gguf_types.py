@@ -119,16 +119,16 @@ def reference_model(weights: dict[str, torch.Tensor]):
 
 
 def our_logits(path, ids: list[int], quantization: str) -> torch.Tensor:
-    from sluice.engine.model_runner import allocate_kv_cache
-    from sluice.layers.attention import AttentionMetadata
+    from sluice.attention.sdpa import SdpaBackend
+    from sluice.cache.kv_cache import KVCache
+    from sluice.layers.forward_context import ForwardContext
 
-    model = load_model(path, torch.device("cpu"), torch.float32, quantization).model
-    allocate_kv_cache(
-        model, num_pages=8, page_size=16, dtype=torch.float32, device=torch.device("cpu")
-    )
-    meta = AttentionMetadata.build([len(ids)], [0], [list(range(8))], 16, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = load_model(path, cpu, torch.float32, quantization).model
+    cache = KVCache.allocate(model.config, 8, 16, torch.float32, cpu)
+    ctx = ForwardContext.build(SdpaBackend(), cache, [len(ids)], [0], [list(range(8))], cpu)
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(ids), meta))
+        return model.compute_logits(model(torch.tensor(ids), ctx))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
