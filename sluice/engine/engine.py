@@ -26,7 +26,7 @@ class Engine:
     def __init__(
         self, config: EngineConfig | None = None, loaded: LoadedModel | None = None
     ) -> None:
-        """`loaded` reuses a model already in memory (its KV cache is rebound to this engine)."""
+        """`loaded` reuses a model already in memory; this engine gets caches of its own."""
         self.config = config = config or EngineConfig()
         if config.threads:
             torch.set_num_threads(config.threads)

@@ -44,7 +44,7 @@ def greedy_alternately(runs: list[tuple[Engine, list[int]]], max_tokens: int) ->
     """Each engine greedy-decodes its prompt; the engines take one step each in turn."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for engine, prompt in runs:
-        engine.add_request("r", prompt, params)
+        engine.add_request("r", engine.prepare(prompt, params))
     tokens: list[list[int]] = [[] for _ in runs]
     while any(engine.has_unfinished_requests() for engine, _ in runs):
         for i, (engine, _) in enumerate(runs):
