@@ -4,9 +4,10 @@ A slot holds every recurrent layer's conv and SSM/delta state for one sequence. 
 owner at a time: a running request (for its whole life, until it finishes or is preempted) or a
 prefix-cache node (a checkpoint of the state after that node's last token).
 
-The pool decides; the model runner moves the bytes. Zeroing a request's fresh slot, copying a
+The pool decides; the model side moves the bytes. Zeroing a request's fresh slot, copying a
 checkpoint into it on a cache hit and copying a request's state into a new checkpoint are queued
-here as ops, and the runner applies them in order before its next forward. Order is all that
+here as ops; the scheduler hands them to the model in the next step's input, applied in order before
+its forward. Order is all that
 makes reuse safe: a checkpoint evicted right after a hit was copied from before it is reused.
 """
 
