@@ -6,9 +6,9 @@ prefix-cache node (a checkpoint of the state after that node's last token).
 
 The pool decides; the model side moves the bytes. Zeroing a request's fresh slot, copying a
 checkpoint into it on a cache hit and copying a request's state into a new checkpoint are queued
-here as ops; the scheduler hands them to the model in the next step's input, applied in order before
-its forward. Order is all that
-makes reuse safe: a checkpoint evicted right after a hit was copied from before it is reused.
+here as ops; the scheduler hands them over in the next step's input, applied in order before its
+forward. Order is all that makes reuse safe: a checkpoint evicted right after a hit was copied
+from before it is reused.
 """
 
 from __future__ import annotations
