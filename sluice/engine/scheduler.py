@@ -38,10 +38,6 @@ class ScheduledBatch:
     preempted: list[Request] = field(default_factory=list)
     step: StepInput = field(default_factory=StepInput)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
     def add(self, request: Request, num_tokens: int, num_speculative: int = 0) -> None:
         self.requests.append(request)
         self.num_tokens.append(num_tokens)

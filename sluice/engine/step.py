@@ -55,10 +55,6 @@ class StepInput:
     state_ops: list[StateOp] = field(default_factory=list)  # apply in order before the forward
     finished_ids: list[str] = field(default_factory=list)  # drop their model-side state
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.requests)
-
 
 @dataclass(frozen=True)
 class SampledToken:

@@ -228,3 +228,17 @@ def test_drafts_never_exceed_max_tokens():
     assert batch.num_speculative == [1]  # 50 + one draft + the token after it = 3 tokens
     scheduler.update(batch, StepOutput({"a": [SampledToken(1, None), SampledToken(8, None)]}))
     assert req.output_token_ids == [50, 1, 8] and req.finish_reason == FinishReason.LENGTH
+
+
+def test_held_pages_outlive_their_request_until_released():
+    """A finished request's pages, held for another process still reading them, are not
+    reused until the hold ends."""
+    scheduler = make_scheduler(num_pages=4, page_size=4)
+    req = make_request("a", 7)
+    scheduler.add(req)
+    run_step(scheduler)
+    held = scheduler.kv.hold(req)
+    scheduler.finish(req, FinishReason.STOP)
+    assert held == [0, 1] and scheduler.kv.pool.num_free == 2
+    scheduler.kv.release_held(held)
+    assert scheduler.kv.pool.num_free == 4
