@@ -46,7 +46,7 @@ def test_the_switch_turns_the_native_kernel_off(tmp_path) -> None:
 
 def test_a_build_is_cached_and_reused(tmp_path) -> None:
     if not int4_cpu.available():
-        pytest.skip("sluice's int4 kernel does not run on this machine")
+        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
     assert probe(tmp_path) == "True Int4TiledWeight"
     (library,) = tmp_path.rglob("int4_cpu-*.so")
     built = library.stat().st_mtime_ns
@@ -56,7 +56,7 @@ def test_a_build_is_cached_and_reused(tmp_path) -> None:
 
 def test_bad_operands_are_named() -> None:
     if not int4_cpu.available():
-        pytest.skip("sluice's int4 kernel does not run on this machine")
+        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
     weight = quantize(torch.randn(32, 64), "int4", layout="tiled")
     assert isinstance(weight, Int4TiledWeight)
     with pytest.raises(RuntimeError, match="96 inputs do not fit"):

@@ -36,7 +36,7 @@ LAYOUT_CLASSES = {"tiled": Int4TiledWeight, "int4pack": Int4PackedWeight}
 def layout(request: pytest.FixtureRequest) -> str:
     """Each test runs on both kernels; sluice's needs AVX512-VNNI (and a C++ compiler)."""
     if request.param == "tiled" and not int4_cpu.available():
-        pytest.skip("sluice's int4 kernel does not run on this machine")
+        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
     return request.param
 
 
@@ -208,7 +208,7 @@ def test_tiled_kernel_for_any_number_of_rows(
     """Row blocks of 1-4 and tile pairs with an odd tile left over all compute x W^T to the
     accuracy of their activations' passes, a ranking-only weight in one pass."""
     if not int4_cpu.available():
-        pytest.skip("sluice's int4 kernel does not run on this machine")
+        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
     weight = torch.from_numpy(random_weight((out_features, in_features), seed=5))
     qw = quantize(weight, "int4", group_size, "tiled")
     deq = qw.dequantize()
@@ -230,7 +230,7 @@ def test_tiled_kernel_for_any_number_of_rows(
 def test_tiled_kernel_in_a_compiled_graph() -> None:
     """The operator has a shape function, so torch.compile traces it into a full graph."""
     if not int4_cpu.available():
-        pytest.skip("sluice's int4 kernel does not run on this machine")
+        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
     qw = quantize(torch.from_numpy(random_weight((OUT, IN), seed=6)), "int4", layout="tiled")
     compiled = torch.compile(lambda x: torch.relu(qw.matmul(x)), fullgraph=True, dynamic=True)
     for rows in (3, 7):
