@@ -9,7 +9,7 @@ the chunk's queries.
 The kernel is sluice's own (`kernels/attention_cpu.cpp`, CPUs with AVX-512) or
 `paged_decode_attention`, plain tensor ops that inductor compiles so that the gather fuses into
 the dot products and the weighted sum. Steps of decodes alone (`DecodeMetadata`) are traced into
-the compiled decode graph: the cache writes become in-place scatters into the cache's K and V
+the compiled decode graph: the cache writes become in-place scatters into the layer's pools
 and the kernel fuses with the rest. Other steps run eagerly (inside the compiled step's opaque
 operator, `attention/opaque.py`).
 """
@@ -82,16 +82,14 @@ class PagedBackend(SdpaBackend):
         meta: DecodeMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        """Plain tensor ops on the cache's K and V themselves: a graph updates an input in place
-        only where it is written whole (indexed by layer, page and offset), not through a view."""
-        page_size = cache.k.shape[2]
-        pages, offsets = meta.slot_mapping // page_size, meta.slot_mapping % page_size
-        index = (torch.full_like(pages, layer), pages, offsets)
-        cache.k.index_put_(index, k.to(cache.k.dtype))
-        cache.v.index_put_(index, v.to(cache.v.dtype))
-        out = self._traced_kernel(
-            q, cache.k[layer], cache.v[layer], meta.page_tables, meta.kv_lens, scale
-        )
+        """Plain tensor ops on the layer's pools themselves: a graph updates an input in place
+        only where it is written whole (indexed by page and offset), not through a view."""
+        k_pool, v_pool = cache.pools(layer)
+        page_size = k_pool.shape[1]
+        index = (meta.slot_mapping // page_size, meta.slot_mapping % page_size)
+        k_pool.index_put_(index, k.to(k_pool.dtype))
+        v_pool.index_put_(index, v.to(v_pool.dtype))
+        out = self._traced_kernel(q, k_pool, v_pool, meta.page_tables, meta.kv_lens, scale)
         return out.to(q.dtype)
 
     def _attend(

@@ -84,7 +84,7 @@ def _own_code(function: Callable) -> Callable:
 def _step_guards(guards: list) -> list[bool]:
     """Keep the guards on what may differ between calls: the step's own tensors (its arguments:
     the token ids, the rows, and in the forward context the metadata's tensors and the KV cache's
-    K and V, two tensors for all layers) and global state (grad mode, default device). Drop the
+    first pools) and global state (grad mode, default device). Drop the
     rest, thousands on the model's structure and weights (fixed once it is loaded) and on the
     context's Python objects (one kind per graph), whose checks would cost a sizeable share of a
     decode step (docs/benchmarks.md). A cache of another dtype or layout fails K's guard and
@@ -97,7 +97,14 @@ def _step_guards(guards: list) -> list[bool]:
 
 
 def _is_step_argument(source: str) -> bool:
+    """The step's own tensors, but of the KV cache only the first layer's K and V pools: they
+    stand for every layer's, which `KVCache.allocate` makes alike."""
+    if source.startswith(_CACHE_POOLS):
+        return source.endswith("[0]")
     return source.split(".")[0] in ("input_ids", "ctx", "rows")
+
+
+_CACHE_POOLS = ("ctx.kv_cache.k[", "ctx.kv_cache.v[")
 
 
 _STATE_GUARDS = frozenset({"GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE", "TORCH_FUNCTION_STATE"})
@@ -123,7 +130,7 @@ def _compile(model: CausalLM, kv_cache: KVCache, backend: AttentionBackend) -> C
     logger.info("compiling the model step (tens of seconds on a first start, then cached)")
     start = time.perf_counter()
     compiled = CompiledStep(model, backend)
-    device = kv_cache.k.device
+    device = kv_cache.device
     try:
         # the runner's tensors are inference tensors: so are these
         with torch.inference_mode(), loading_allocations_mapped():
