@@ -216,7 +216,9 @@ class Engine:
         ready = [r for r in running if r.num_pending_tokens == 1 and r.params.speculative]
         if not ready:
             return
-        for request, drafts in zip(ready, self.proposer.propose(ready, spec.num_speculative_tokens)):
+        for request, drafts in zip(
+            ready, self.proposer.propose(ready, spec.num_speculative_tokens)
+        ):
             request.spec_token_ids = drafts
 
     def _output(self, update: RequestUpdate) -> RequestOutput:
@@ -225,7 +227,9 @@ class Engine:
         req = update.request
         kept = self._stop_string_end(req, update)
         if kept is not None:
-            self.scheduler.cut_output(req, len(req.output_token_ids) - len(update.new_token_ids) + kept)
+            self.scheduler.cut_output(
+                req, len(req.output_token_ids) - len(update.new_token_ids) + kept
+            )
             del update.new_token_ids[kept:], update.logprobs[kept:]
             if req.is_finished:  # the same step reached max_tokens: the stop string says why
                 req.finish_reason = FinishReason.STOP

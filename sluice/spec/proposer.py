@@ -19,6 +19,7 @@ class Proposer(ABC):
     def propose(self, requests: list[Request], k: int) -> list[list[int]]:
         """Up to `k` draft tokens for each request, in order (an empty list: no guess)."""
 
+    @abstractmethod
     def finished(self, request: Request) -> None:
         """The request ended: forget what was kept for it (its own state, not what it taught)."""
 

@@ -23,6 +23,16 @@ class SpecStats:
         for position in range(num_accepted):
             self.accepted_per_position[position] += 1
 
+    def record_all(self, other: SpecStats) -> None:
+        """Add another tally to this one."""
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        missing = len(other.accepted_per_position) - len(self.accepted_per_position)
+        self.accepted_per_position += [0] * max(0, missing)
+        for position, count in enumerate(other.accepted_per_position):
+            self.accepted_per_position[position] += count
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
@@ -45,7 +55,8 @@ class SpecStats:
     def since(self, earlier: SpecStats) -> SpecStats:
         """What was counted after the snapshot `earlier` (a copy taken with `snapshot`)."""
         per_position = [
-            now - (earlier.accepted_per_position[i] if i < len(earlier.accepted_per_position) else 0)
+            now
+            - (earlier.accepted_per_position[i] if i < len(earlier.accepted_per_position) else 0)
             for i, now in enumerate(self.accepted_per_position)
         ]
         return SpecStats(
