@@ -1,10 +1,10 @@
 """`sluice bench speculative`: output tokens per second with and without speculative decoding
 on the fixed prompt set of `spec_workloads`, and how many drafts were accepted.
 
-One engine, set up for speculation, runs every workload both ways, alternating (off, on, off,
+One engine, set up for speculation, runs each workload both ways, alternating (off, on, off,
 on, ...) so that a noisy machine slows both alike; "off" is the same engine with the requests'
-`speculative=False`. Every prompt is run once before timing, so both ways find it in the
-prefix cache and the timings are of decoding. Greedy, so both ways produce the same tokens.
+`speculative=False`. Each prompt is run once before timing, so both ways find it in the
+prefix cache and the timings are of decoding; a workload's JSON line comes when it is done. Greedy, so both ways produce the same tokens.
 """
 
 from __future__ import annotations
@@ -65,12 +65,10 @@ def main(args: argparse.Namespace) -> int:
         name: _Workload(llm.chat_prompt([{"role": "user", "content": WORKLOADS[name]}]))
         for name in args.workloads
     }
-    for workload in workloads.values():  # warm up: compile, and fill the prefix cache
-        _run(llm, workload.prompt, args, speculative=True)
-    for _ in range(args.rounds):
-        for workload in workloads.values():
-            _measure(llm, workload, args)
     for name, workload in workloads.items():
+        _run(llm, workload.prompt, args, speculative=True)  # warm up; cache the prompt
+        for _ in range(args.rounds):
+            _measure(llm, workload, args)
         record = {
             **record_header("speculative", "sluice", args),
             "workload": name,
@@ -84,6 +82,6 @@ def main(args: argparse.Namespace) -> int:
             "speedup": round(workload.on.tok_s / workload.off.tok_s, 3),
             **workload.stats.as_record(),
         }
-        print(format_table(f"speculative: {name}", list(record.items())))
+        print(format_table(f"speculative: {name}", list(record.items())), flush=True)
         emit(record, args.output_file)
     return 0

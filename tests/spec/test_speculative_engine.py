@@ -37,7 +37,8 @@ def accepted_runs(stats: SpecStats) -> int:
 
 def test_greedy_batched_chunked_and_preempted_gives_the_same_tokens(make_llm):
     """16 mixed prompts (half of them a story that repeats itself, so drafts are accepted),
-    batched, then in 7-token chunks with a pool so small that requests are preempted."""
+    batched, then in 7-token chunks with a pool so small that requests are preempted; n-gram
+    drafts, then suffix-decoding ones."""
     plain = make_llm(**FP32)
     prompts = mixed_prompts(plain)
     expected = token_ids(plain.generate(prompts, greedy()))
@@ -52,6 +53,12 @@ def test_greedy_batched_chunked_and_preempted_gives_the_same_tokens(make_llm):
     assert token_ids(squeezed.generate(prompts, greedy())) == expected
     assert squeezed.engine.scheduler.num_preemptions > 0
     assert squeezed.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+    # Suffix decoding: the second time round, the global tree holds the first round's outputs.
+    suffix = make_llm(**FP32, **{**NGRAM, "speculative_method": "suffix"})
+    assert token_ids(suffix.generate(prompts, greedy())) == expected
+    assert token_ids(suffix.generate(prompts, greedy())) == expected
+    assert accepted_runs(suffix.engine.scheduler.spec_stats) > 0
 
 
 def test_compiled_steps_verify_drafts_too(make_llm):
@@ -102,21 +109,21 @@ def test_seeded_samples_are_the_same_with_and_without_drafts_alone_or_batched(ma
     plain, spec = make_llm(**FP32), make_llm(**FP32, **NGRAM)
     prompt = code_prompt(plain)
     params = SamplingParams(
-        max_tokens=40,
+        max_tokens=24,
         temperature=0.7,
         top_k=40,
         top_p=0.95,
         min_p=0.02,
         repetition_penalty=1.05,
         frequency_penalty=0.1,
-        min_tokens=30,
+        min_tokens=20,
         seed=11,
         n=2,
         logprobs=1,
     )
     want = plain.generate([prompt], params)[0].outputs
     alone = spec.generate([prompt], params)[0].outputs
-    noise = SamplingParams(max_tokens=30, temperature=1.0)
+    noise = SamplingParams(max_tokens=16, temperature=1.0)
     batched = spec.generate([prompt, "Hello there", prompt], [noise, noise, params])[2].outputs
     for got in (alone, batched):
         assert [c.token_ids for c in got] == [c.token_ids for c in want]
