@@ -58,6 +58,29 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         default=compile_default,
         help="run steps through torch.compile (compiled at start, ~90 s, then cached)",
     )
+    add_speculative_args(parser)
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument(
+        "--speculative-method",
+        default=None,
+        choices=["ngram", "suffix"],
+        help="propose draft tokens for the model to verify: ngram (prompt lookup) or suffix "
+        "(suffix decoding over the request and recent outputs); default off",
+    )
+    group.add_argument(
+        "--num-speculative-tokens", type=int, default=5, help="most draft tokens per step (k)"
+    )
+    group.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram matched")
+    group.add_argument("--ngram-max", type=int, default=4, help="longest n-gram matched")
+    group.add_argument(
+        "--speculative-disable-batch-size",
+        type=int,
+        default=8,
+        help="propose nothing while more requests than this run",
+    )
 
 
 ENGINE_OPTIONS = (
@@ -75,6 +98,11 @@ ENGINE_OPTIONS = (
     "max_num_seqs",
     "threads",
     "compile",
+    "speculative_method",
+    "num_speculative_tokens",
+    "ngram_min",
+    "ngram_max",
+    "speculative_disable_batch_size",
 )
 SAMPLING_OPTIONS = (
     "max_tokens",

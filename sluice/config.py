@@ -158,6 +158,40 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be >= 1")
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (sluice/spec/): a proposer guesses the next tokens of each running
+    request and the target model checks them all in one step. `method` None turns it off."""
+
+    method: str | None = None  # ngram (prompt lookup) or suffix (suffix decoding)
+    num_speculative_tokens: int = 5  # k: most draft tokens verified per request and step
+    ngram_min: int = 1  # n-gram: the shortest match of the context's tail that proposes
+    ngram_max: int = 4  # n-gram: the longest one tried (first)
+    # No proposals while more requests than this run: a large batch is bound by compute, not by
+    # reading the weights, so verifying drafts costs more than it saves (docs/benchmarks.md).
+    disable_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}"
+            )
+        if self.num_speculative_tokens < 1:
+            raise ValueError(
+                f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(
+                "n-gram sizes need 1 <= ngram_min <= ngram_max, got "
+                f"{self.ngram_min} and {self.ngram_max}"
+            )
+        if self.disable_batch_size < 1:
+            raise ValueError(f"disable_batch_size must be >= 1, got {self.disable_batch_size}")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # alias, .gguf path or HF folder; None: the default model
@@ -169,6 +203,7 @@ class EngineConfig:
     compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none", "int8", "int4"):
@@ -196,6 +231,11 @@ class EngineConfig:
         num_state_slots: int | None = None,
         threads: int | None = None,
         compile: bool = True,
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = 5,
+        ngram_min: int = 1,
+        ngram_max: int = 4,
+        speculative_disable_batch_size: int = 8,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -216,6 +256,13 @@ class EngineConfig:
                 num_state_slots,
             ),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            speculative=SpeculativeConfig(
+                speculative_method,
+                num_speculative_tokens,
+                ngram_min,
+                ngram_max,
+                speculative_disable_batch_size,
+            ),
         )
 
     def torch_device(self) -> torch.device:

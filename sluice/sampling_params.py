@@ -42,6 +42,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: chosen token plus top-k alternatives
     skip_special_tokens: bool = True
+    # False: the engine proposes no draft tokens for this request (same output, its own pace).
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings")

@@ -1,4 +1,4 @@
-"""`sluice bench {offline,latency,serve,prefix-cache}`: the benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache,speculative}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
@@ -22,6 +22,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_latency(kinds)
     _add_serve(kinds)
     _add_prefix_cache(kinds)
+    _add_speculative(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -91,6 +92,26 @@ def _add_latency(kinds: argparse._SubParsersAction) -> None:
     _add_common(latency)
     add_engine_args(latency)
     latency.set_defaults(func=_runner("latency"))
+
+
+def _add_speculative(kinds: argparse._SubParsersAction) -> None:
+    spec = kinds.add_parser(
+        "speculative",
+        help="output tokens per second with and without speculative decoding (interleaved), "
+        "and the drafts' acceptance, on a fixed prompt set",
+    )
+    spec.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["code_edit", "code_rename", "summary_quotes", "open_chat"],
+        choices=["code_edit", "code_rename", "summary_quotes", "open_chat"],
+    )
+    spec.add_argument("--output-len", type=_POSITIVE, default=200, help="max tokens per answer")
+    spec.add_argument("--concurrency", type=_POSITIVE, default=1, help="copies of each prompt")
+    spec.add_argument("--rounds", type=_POSITIVE, default=2, help="off/on pairs per workload")
+    _add_common(spec)
+    add_engine_args(spec)
+    spec.set_defaults(func=_runner("speculative"))
 
 
 def _add_serve(kinds: argparse._SubParsersAction) -> None:

@@ -18,6 +18,7 @@ from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.spec.proposer import make_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class Engine:
         )
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
         self.scheduler = Scheduler(config.scheduler, self.kv, loaded.tokenizer.eos_token_ids)
+        if config.speculative.method is not None and self.state_pool is not None:
+            raise ValueError(
+                f"speculative decoding ({config.speculative.method}) does not support hybrid "
+                f"models yet ({loaded.config.architecture}): their recurrent state cannot be "
+                "rolled back"
+            )
+        self.proposer = make_proposer(config.speculative)
         self.executor: Executor = ModelRunner(
             loaded.model,
             self.device,
@@ -190,17 +198,40 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
         output = self.executor.execute(batch.step)
         return [self._output(update) for update in self.scheduler.update(batch, output)]
 
+    def _propose(self) -> None:
+        """Drafts for the running requests that have caught up (one pending token), unless so
+        many run that verifying drafts would cost more than it saves."""
+        spec = self.config.speculative
+        running = self.scheduler.running
+        if len(running) > spec.disable_batch_size:
+            return
+        ready = [r for r in running if r.num_pending_tokens == 1 and r.params.speculative]
+        if not ready:
+            return
+        for request, drafts in zip(
+            ready, self.proposer.propose(ready, spec.num_speculative_tokens)
+        ):
+            request.spec_token_ids = drafts
+
     def _output(self, update: RequestUpdate) -> RequestOutput:
-        """Text for the new tokens; a stop string in it ends the request."""
+        """Text for the new tokens; a stop string in it ends the request at the token that
+        completed it (later tokens of the same step, accepted drafts, are dropped)."""
         req = update.request
-        if self._hits_stop_string(req, update):
-            if req.is_finished:  # the same token reached max_tokens: the stop string says why
+        kept = self._stop_string_end(req, update)
+        if kept is not None:
+            self.scheduler.cut_output(
+                req, len(req.output_token_ids) - len(update.new_token_ids) + kept
+            )
+            del update.new_token_ids[kept:], update.logprobs[kept:]
+            if req.is_finished:  # the same step reached max_tokens: the stop string says why
                 req.finish_reason = FinishReason.STOP
             else:
                 self.scheduler.finish(req, FinishReason.STOP)
@@ -208,14 +239,18 @@ class Engine:
             return self._finished_output(req, update.new_token_ids, update.logprobs)
         return self._request_output(req, update.new_token_ids, update.logprobs)
 
-    def _hits_stop_string(self, req: Request, update: RequestUpdate) -> bool:
+    def _stop_string_end(self, req: Request, update: RequestUpdate) -> int | None:
         """Feed the new tokens' text to the request's stream, all but a stop token (EOS or a
-        stop id, which ends the text unwritten); True when a stop string completed."""
+        stop id, which ends the text unwritten); how many of them are kept when a stop string
+        completed, None when none did."""
         tokens = update.new_token_ids
         if update.finish_reason == FinishReason.STOP:
             tokens = tokens[:-1]
         stream = self._streams[req]
-        return any(stream.add_token(token) for token in tokens)
+        for position, token in enumerate(tokens):
+            if stream.add_token(token):
+                return position + 1
+        return None
 
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(req, reason)
@@ -225,6 +260,8 @@ class Engine:
         self, req: Request, tokens: list[int], logprobs: list[TokenLogprob]
     ) -> RequestOutput:
         self._streams[req].finish()
+        if self.proposer is not None:
+            self.proposer.finished(req)
         output = self._request_output(req, tokens, logprobs)
         del self._streams[req]
         siblings = self._requests[req.parent_id]

@@ -60,7 +60,6 @@ class ModelRunner:
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
-        self._generators: dict[str, torch.Generator] = {}  # seeded requests' own, by id
         self.kv_cache = KVCache.allocate(model.config, num_pages, page_size, kv_dtype, device)
         self.state_cache = (
             allocate_state(model, state_pool.num_slots, dtype, device)
@@ -81,8 +80,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        for request_id in step.finished_ids:
-            self._generators.pop(request_id, None)
         input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
         rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
@@ -132,7 +129,7 @@ class ModelRunner:
         self._suppress_early_stops(logits, [(s, out) for _, s, out in rows])
         sampling = SamplingBatch.build(
             params=[s.params for _, s, _ in rows],
-            generators=[self._generator(r.request_id, s.params) for r, s, _ in rows],
+            generators=[self._generator(s.params, len(out)) for _, s, out in rows],
             prompt_ids=[s.prompt_token_ids for _, s, _ in rows],
             output_ids=[out for _, _, out in rows],
             device=self.device,
@@ -145,13 +142,13 @@ class ModelRunner:
             sampled.setdefault(request.request_id, []).append(SampledToken(token_id, logprob))
         return StepOutput(sampled)
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
-        """A seeded request draws only from its own generator, kept here across its steps."""
+    def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
+        """A seeded request draws its output token `position` from a generator seeded by
+        (seed, position) alone: the same draw whatever else runs in the step, and whether the
+        row checks a draft or is a plain decode, so speculation never changes a seeded output."""
         if params.seed is None:
             return None
-        if request_id not in self._generators:
-            self._generators[request_id] = torch.Generator(self.device).manual_seed(params.seed)
-        return self._generators[request_id]
+        return torch.Generator(self.device).manual_seed(_position_seed(params.seed, position))
 
     def _suppress_early_stops(
         self, logits: torch.Tensor, rows: list[tuple[SamplingRow, list[int]]]
@@ -161,6 +158,11 @@ class ModelRunner:
             if len(output_ids) < sampling.params.min_tokens:
                 stops = list(self.eos_token_ids | set(sampling.params.stop_token_ids))
                 logits[row, stops] = float("-inf")
+
+
+def _position_seed(seed: int, position: int) -> int:
+    # An odd 64-bit multiplier (the golden ratio's) spreads consecutive positions apart.
+    return (seed + position * 0x9E3779B97F4A7C15) % 2**64
 
 
 def _sample_rows(step: StepInput) -> list[int]:

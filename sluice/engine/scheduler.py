@@ -26,6 +26,7 @@ from sluice.config import SchedulerConfig
 from sluice.engine.cache_manager import KVCacheManager
 from sluice.engine.request import FinishReason, Request, RequestStatus, TokenLogprob
 from sluice.engine.step import SampledToken, SamplingRow, ScheduledRequest, StepInput, StepOutput
+from sluice.spec.stats import SpecStats
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec_stats = SpecStats()
         self._finished_ids: list[str] = []  # since the last step: the model drops their state
 
     @property
@@ -102,6 +104,12 @@ class Scheduler:
         self.kv.free(request)
         self._finished_ids.append(request.request_id)
 
+    def cut_output(self, request: Request, num_output_tokens: int) -> None:
+        """Drop the output past its first `num_output_tokens` tokens (a stop string ended the
+        text inside a run of accepted drafts), so usage and the cache see only what is kept."""
+        del request.output_token_ids[num_output_tokens:]
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+
     # ---- after the model ran ---------------------------------------------------------------
 
     def update(self, batch: ScheduledBatch, output: StepOutput) -> list[RequestUpdate]:
@@ -115,6 +123,8 @@ class Scheduler:
             request.num_computed_tokens += scheduled.num_tokens - scheduled.num_speculative
             request.num_computed_tokens += accepted
             request.spec_token_ids = []
+            if scheduled.num_speculative:
+                self.spec_stats.record(scheduled.num_speculative, accepted)
             if scheduled.num_speculative > accepted:
                 self.kv.trim(request)
             if sampled:

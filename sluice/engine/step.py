@@ -3,8 +3,9 @@
 `StepInput` names every request's tokens to compute, where they go in the cache and which rows
 sample; `StepOutput` the tokens sampled per request. Nothing here refers to a live `Request`, so
 an executor may hand a step to another thread or process (pickle it) without touching the
-scheduler. Per-request state that outlives a step on the model's side (a seeded request's
-random generator) is keyed by request id and dropped when the id appears in `finished_ids`.
+scheduler. Per-request state an executor keeps across steps is keyed by request id and dropped
+when the id appears in `finished_ids` (a seeded request's draws need none: they are seeded by
+its seed and the output position).
 """
 
 from __future__ import annotations

@@ -18,10 +18,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import FinishReason
+from sluice.spec.stats import SpecStats
 
 # Seconds; wide enough for a laptop CPU at the top and a GPU at the bottom.
 _LATENCY_BUCKETS = (
@@ -64,6 +67,8 @@ class ServerMetrics:
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         self._engine_gauges(engine)
+        if engine.proposer is not None:
+            self.registry.register(SpecDecodeCollector(engine.scheduler.spec_stats))
         self.prompt_tokens = self._counter(
             "prompt_tokens", "Prompt tokens of requests that started."
         )
@@ -138,6 +143,48 @@ class ServerMetrics:
 
     def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(f"sluice:{name}", documentation, buckets=buckets, registry=self.registry)
+
+
+class SpecDecodeCollector(Collector):
+    """Speculative decoding's acceptance, read from the scheduler's running totals when scraped
+    (named as vLLM's `spec_decode_*`)."""
+
+    def __init__(self, stats: SpecStats) -> None:
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats.snapshot()  # the engine thread may be adding to it
+        yield _counter(
+            "num_drafts", "Verify steps: a request's step that carried drafts.", stats.num_drafts
+        )
+        yield _counter("num_draft_tokens", "Draft tokens verified.", stats.num_draft_tokens)
+        yield _counter(
+            "num_accepted_tokens",
+            "Draft tokens the target model accepted.",
+            stats.num_accepted_tokens,
+        )
+        per_position = CounterMetricFamily(
+            "sluice:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each position of the drafts (0: the first).",
+            labels=["position"],
+        )
+        for position, count in enumerate(stats.accepted_per_position):
+            per_position.add_metric([str(position)], count)
+        yield per_position
+        yield GaugeMetricFamily(
+            "sluice:spec_decode_acceptance_rate",
+            "Accepted draft tokens over verified ones, since the start.",
+            value=stats.acceptance_rate,
+        )
+        yield GaugeMetricFamily(
+            "sluice:spec_decode_mean_acceptance_length",
+            "Tokens a verify step yields on average (accepted drafts + 1), since the start.",
+            value=stats.mean_acceptance_length,
+        )
+
+
+def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
+    return CounterMetricFamily(f"sluice:spec_decode_{name}", documentation, value=value)
 
 
 def _state_gauges(engine: Engine) -> list[tuple[str, str, Callable[[], float]]]:

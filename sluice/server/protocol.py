@@ -86,6 +86,7 @@ class GenerationRequest(RequestModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, **_INT64)
+    speculative: bool = True  # sluice's: False proposes no drafts for this request
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -111,6 +112,7 @@ class GenerationRequest(RequestModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
+            speculative=self.speculative,
         )
 
     @property

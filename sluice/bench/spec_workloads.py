@@ -1,0 +1,50 @@
+"""The fixed prompt set of `sluice bench speculative`: chat requests whose answers copy from
+their prompt to a different degree, and one open question whose answer copies nothing."""
+
+from __future__ import annotations
+
+_INVENTORY = """def summarize_inventory(items, threshold):
+    totals = {}
+    low_stock = []
+    for item in items:
+        name = item["name"]
+        count = item["count"]
+        price = item["price"]
+        totals[name] = totals.get(name, 0) + count * price
+        if count < threshold:
+            low_stock.append(name)
+    report = []
+    for name, value in sorted(totals.items()):
+        report.append(f"{name}: {value:.2f}")
+    if low_stock:
+        report.append("low stock: " + ", ".join(sorted(low_stock)))
+    return "\\n".join(report)
+"""
+
+_PASSAGE = (
+    "The lighthouse at Carrow Point was built in 1871 after three ships were lost on the reef in "
+    "a single winter. Its first keeper, Margaret Hale, kept a log for thirty-one years, and in it "
+    'she wrote that "the light is only as faithful as the hands that trim the wick." The tower '
+    "was automated in 1964, and the keeper's cottage became a small museum. Visitors can still "
+    "read the log, in which Hale recorded storms, shipwrecks and the arrival of the first steam "
+    'ferry, which she called "a kettle with ambitions." In 1998 a storm cracked the lantern '
+    "room, and the town raised the money to repair it within a month. Today the light still "
+    "turns every night, and the museum's sign quotes Hale once more: \"Keep the light, and the "
+    'light will keep you."'
+)
+
+WORKLOADS: dict[str, str] = {
+    "code_edit": (
+        "Add a docstring to this Python function and return the whole function, otherwise "
+        f"unchanged:\n\n```python\n{_INVENTORY}```"
+    ),
+    "code_rename": (
+        "Rename the parameter `items` to `records` and the variable `totals` to `values` in "
+        f"this Python function and return the whole function:\n\n```python\n{_INVENTORY}```"
+    ),
+    "summary_quotes": (
+        "Summarise this passage in a few sentences, quoting its most memorable phrases "
+        f"exactly:\n\n{_PASSAGE}"
+    ),
+    "open_chat": "What are some good ways to stay focused when working from home?",
+}

@@ -1,0 +1,87 @@
+"""`sluice bench speculative`: output tokens per second with and without speculative decoding
+on the fixed prompt set of `spec_workloads`, and how many drafts were accepted.
+
+One engine, set up for speculation, runs each workload both ways, alternating (off, on, off,
+on, ...) so that a noisy machine slows both alike; "off" is the same engine with the requests'
+`speculative=False`. Each prompt is run once before timing, so both ways find it in the
+prefix cache and the timings are of decoding; a workload's JSON line comes when it is done. Greedy, so both ways produce the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+from sluice.api import LLM
+from sluice.bench.inprocess import load_llm, record_header
+from sluice.bench.report import emit, format_table
+from sluice.bench.spec_workloads import WORKLOADS
+from sluice.sampling_params import SamplingParams
+from sluice.spec.stats import SpecStats
+
+
+@dataclass
+class _Timing:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Workload:
+    prompt: list[int]
+    off: _Timing = field(default_factory=_Timing)
+    on: _Timing = field(default_factory=_Timing)
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+def _run(llm: LLM, prompt: list[int], args: argparse.Namespace, speculative: bool) -> _Timing:
+    params = SamplingParams(max_tokens=args.output_len, speculative=speculative)
+    start = time.perf_counter()
+    results = llm.generate([prompt] * args.concurrency, params)
+    seconds = time.perf_counter() - start
+    return _Timing(sum(len(r.outputs[0].token_ids) for r in results), seconds)
+
+
+def _measure(llm: LLM, workload: _Workload, args: argparse.Namespace) -> None:
+    for speculative in (False, True):
+        before = llm.engine.scheduler.spec_stats.snapshot()
+        timing = _run(llm, workload.prompt, args, speculative)
+        total = workload.on if speculative else workload.off
+        total.tokens += timing.tokens
+        total.seconds += timing.seconds
+        drafted = llm.engine.scheduler.spec_stats.since(before)
+        workload.stats.record_all(drafted)
+
+
+def main(args: argparse.Namespace) -> int:
+    args.speculative_method = args.speculative_method or "ngram"
+    llm = load_llm(args)
+    workloads = {
+        name: _Workload(llm.chat_prompt([{"role": "user", "content": WORKLOADS[name]}]))
+        for name in args.workloads
+    }
+    for name, workload in workloads.items():
+        _run(llm, workload.prompt, args, speculative=True)  # warm up; cache the prompt
+        for _ in range(args.rounds):
+            _measure(llm, workload, args)
+        record = {
+            **record_header("speculative", "sluice", args),
+            "workload": name,
+            "method": args.speculative_method,
+            "num_speculative_tokens": args.num_speculative_tokens,
+            "concurrency": args.concurrency,
+            "output_len": args.output_len,
+            "rounds": args.rounds,
+            "output_tok_s_off": round(workload.off.tok_s, 2),
+            "output_tok_s_on": round(workload.on.tok_s, 2),
+            "speedup": round(workload.on.tok_s / workload.off.tok_s, 3),
+            **workload.stats.as_record(),
+        }
+        print(format_table(f"speculative: {name}", list(record.items())), flush=True)
+        emit(record, args.output_file)
+    return 0
