@@ -144,11 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
     from sluice.config import EngineConfig
+    from sluice.disagg.role import DisaggConfig
     from sluice.engine.async_engine import AsyncEngine
     from sluice.engine.engine import Engine
     from sluice.server.openai import ServerSettings, create_app, served_model_name
-
-    from sluice.disagg.role import DisaggConfig
 
     config = EngineConfig.create(**engine_kwargs(args))
     disagg = DisaggConfig(

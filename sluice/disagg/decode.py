@@ -24,6 +24,10 @@ from sluice.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+# Why a pull failed: P unknown (its side channel did not answer), the lease (nearly) over, an
+# injected fault (`--pd-inject-transfer-errors`), or the transfer itself.
+PULL_FAILURES = ("unknown_peer", "lease_expired", "injected", "transport")
+
 
 @dataclass
 class _Pull:

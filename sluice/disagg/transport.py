@@ -60,7 +60,9 @@ class CacheLayout:
         for field, name in names.items():
             mine, theirs = getattr(self, field), getattr(remote, field)
             if mine != theirs:
-                return f"prefill and decode instances disagree on {name}: P has {theirs}, D has {mine}"
+                return (
+                    f"prefill and decode instances disagree on {name}: P has {theirs}, D has {mine}"
+                )
         return None
 
     @classmethod
@@ -170,7 +172,7 @@ class KVTransport(ABC):
 
     @abstractmethod
     def poll(self, handle: object) -> str:
-        """"DONE", "PROC" (still going) or "ERR"; a finished handle is released."""
+        """ "DONE", "PROC" (still going) or "ERR"; a finished handle is released."""
 
     @abstractmethod
     def notify(self, engine_id: str, message: bytes) -> None: ...
@@ -260,4 +262,3 @@ class NixlTransport(KVTransport):
 
     def notifications(self) -> list[bytes]:
         return [m for messages in self._agent.get_new_notifs().values() for m in messages]
-

