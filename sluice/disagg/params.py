@@ -62,6 +62,7 @@ class TransferRequest:
 
     remote_decode: bool = False
     remote_prefill: RemotePrefill | None = None
+    room: int | None = None  # SGLang's bootstrap_room: where D asks P for the params
 
     @classmethod
     def parse(cls, value: object) -> TransferRequest | None:

@@ -60,6 +60,8 @@ class Disaggregation:
             config.inject_transfer_error_rate,
         )
         self.peers: dict[str, dict[str, Any]] = {}  # engine id -> its side channel's metadata
+        # P, driven by sglang-router: bootstrap room -> the params D fetches (`/pd/rooms/N`).
+        self.rooms: dict[int, dict[str, Any]] = {}
         self.num_released = 0  # leases D confirmed
         logger.info("disaggregation: role %s, NIXL agent %s", config.role, self.transport.engine_id)
 
@@ -115,7 +117,7 @@ class Disaggregation:
             return None
         request.held = None
         lease = self.leases.grant(held.page_ids, held.state_slot)
-        return RemotePrefill(
+        params = RemotePrefill(
             remote_engine_id=self.transport.engine_id,
             remote_host=self.config.host,
             remote_port=self.config.port,
@@ -127,3 +129,13 @@ class Disaggregation:
             first_token_logprob=logprob_json(first_logprob),
             remote_state_slot=held.state_slot,
         ).to_json()
+        if request.room is not None:
+            self._post_room(request.room, params)
+        return params
+
+    def _post_room(self, room: int, params: dict[str, Any]) -> None:
+        """Keep the params for D to fetch; rooms whose lease is over are dropped."""
+        now = time.time()
+        for stale in [r for r, p in self.rooms.items() if p["lease_expires"] <= now]:
+            del self.rooms[stale]
+        self.rooms[room] = params

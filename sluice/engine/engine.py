@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -168,9 +169,17 @@ class Engine:
             if transfer is not None and transfer.remote_prefill is not None:
                 outputs.append(self._add_prefilled(seq, transfer.remote_prefill))
             else:
-                seq.keep_kv = transfer is not None and transfer.remote_decode
+                if transfer is not None and transfer.remote_decode:
+                    self._keep_for_remote_decode(seq, transfer)
                 self.scheduler.add(seq)
         return outputs
+
+    def _keep_for_remote_decode(self, seq: Request, transfer: TransferRequest) -> None:
+        """A prefill instance computes the prompt, samples one token and keeps the KV (sglang-
+        router sends P the client's max_tokens; vllm-router already sends 1)."""
+        seq.keep_kv = True
+        seq.room = transfer.room
+        seq.params = dataclasses.replace(seq.params, max_tokens=1)
 
     def _add_prefilled(self, seq: Request, prefill: RemotePrefill) -> RequestOutput:
         """Queue a sequence whose prompt's KV comes from a prefill instance; its first token

@@ -83,6 +83,7 @@ class Request:
     # Prefill/decode disaggregation. P: keep the KV when the request ends (`held` then has it).
     # D: the prompt's KV is to be pulled from P instead of computed (until the pull ends).
     keep_kv: bool = False
+    room: int | None = None  # P, driven by sglang-router: the bootstrap room D asks for
     held: HeldKV | None = None
     remote_prefill: RemotePrefill | None = None
 

@@ -397,7 +397,7 @@ async def create_completion(body: CompletionRequest, request: Request, server: S
     params = body.sampling_params(max_tokens, body.logprobs)
     echoes = [_prompt_text(server, p) for p in raw_prompts] if body.echo else None
     fmt = CompletionFormat(server.tokenizer, body.logprobs is not None, echoes)
-    transfer = await disagg.read_transfer(server, body.kv_transfer_params)
+    transfer = await disagg.read_transfer(server, body)
     return await server.respond(request, body, "cmpl", prompts, params, fmt, transfer)
 
 
@@ -418,7 +418,7 @@ async def create_chat_completion(
     with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
         params = body.sampling_params(max_tokens, body.num_logprobs)
     fmt = ChatFormat(server.tokenizer, body.logprobs)
-    transfer = await disagg.read_transfer(server, body.kv_transfer_params)
+    transfer = await disagg.read_transfer(server, body)
     return await server.respond(request, body, "chatcmpl", [prompt], params, fmt, transfer)
 
 

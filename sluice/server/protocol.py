@@ -91,6 +91,10 @@ class GenerationRequest(RequestModel):
     logit_bias: dict[str, float] | None = None
     # Prefill/decode disaggregation, as vLLM's routers send it (see sluice.disagg.params).
     kv_transfer_params: dict[str, Any] | None = None
+    # The same, as sglang-router sends it: P and D get one room number, D asks P for the params.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each feature asked for that would change the result but that sluice lacks."""

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -70,7 +71,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for server in servers:
         wait_until_healthy(server)
     prefill, decode, faulty = servers
-    with _router(folder, prefill, decode) as router_url:
+    command = ["vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin"]
+    command += ["--prefill", prefill.url, "--decode", decode.url]
+    with _router(command, folder / "vllm-router.log") as router_url:
         yield Cluster(prefill, decode, faulty, router_url)
     for server in servers:
         server.stop()
@@ -81,28 +84,26 @@ def _role(role: str, lease_s: float) -> tuple[str, ...]:
 
 
 class _router:
-    """vllm-router in PD mode in front of one P and one D."""
+    """A router (`command`, a Rust binary from its wheel) in front of the servers."""
 
-    def __init__(self, folder, prefill: ServerProcess, decode: ServerProcess) -> None:
+    def __init__(self, command: list[str], log_path: Path) -> None:
         self.port = free_port()
-        command = ["vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin"]
-        command += ["--prefill", prefill.url, "--decode", decode.url]
-        command += ["--port", str(self.port), "--prometheus-port", str(free_port())]
-        self.log = (folder / "router.log").open("wb")
+        command = command + ["--port", str(self.port), "--prometheus-port", str(free_port())]
+        self.log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> str:
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, "vllm-router exited"
+            assert self.process.poll() is None, f"{self.process.args[0]} exited"
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     return url
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        raise AssertionError("vllm-router did not start")
+        raise AssertionError(f"{self.process.args[0]} did not start")
 
     def __exit__(self, *exc) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -252,6 +253,22 @@ def test_a_second_turn_pulls_only_the_pages_decode_lacks(cluster: Cluster):
     pulled = after["sluice:pd_pulled_pages"] - before["sluice:pd_pulled_pages"]
     assert pulled == prompt_pages - cached // PAGE_SIZE
     _assert_idle(cluster.prefill, cluster.decode)
+
+
+def test_sglang_router_drives_the_same_pair(
+    cluster: Cluster, server: ServerProcess, tmp_path: Path
+):
+    """sglang-router sends P and D the request at once, with a bootstrap room; D asks P's side
+    channel (at the bootstrap port: P's HTTP port) for the room's params."""
+    completions, chats = _reference(server)
+    prefill, decode = cluster.prefill, cluster.decode
+    command = ["sglang-router", "launch", "--pd-disaggregation", "--policy", "round_robin"]
+    command += ["--prefill", prefill.url, str(prefill.port), "--decode", decode.url]
+    before = decode.metrics()["sluice:pd_pulls_completed"]
+    with _router(command, tmp_path / "sglang-router.log") as url:
+        assert asyncio.run(_everything(url)) == (completions * 2, chats * 2)
+    assert decode.metrics()["sluice:pd_pulls_completed"] >= before + 8
+    _assert_idle(prefill, decode)
 
 
 def test_router_facing_endpoints(cluster: Cluster):
