@@ -88,7 +88,7 @@ class _router:
 
     def __init__(self, command: list[str], log_path: Path) -> None:
         self.port = free_port()
-        command = command + ["--port", str(self.port), "--prometheus-port", str(free_port())]
+        command = [*command, "--port", str(self.port), "--prometheus-port", str(free_port())]
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
