@@ -34,7 +34,7 @@ from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 pytestmark = pytest.mark.slow
 
 UCX = {"UCX_TLS": "tcp"}  # loopback TCP: no RDMA here
-LEASE_S = 10.0
+LEASE_S = 6.0
 PAGE_SIZE = 16
 MAX_TOKENS = 8
 PROMPTS = [
@@ -75,8 +75,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     command += ["--prefill", prefill.url, "--decode", decode.url]
     with _router(command, folder / "vllm-router.log") as router_url:
         yield Cluster(prefill, decode, faulty, router_url)
+    _stop_all(servers)
+
+
+def _stop_all(servers) -> None:
+    """SIGTERM to all, then wait: they shut down side by side."""
     for server in servers:
-        server.stop()
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    for server in servers:
+        server.process.wait(60)
 
 
 def _role(role: str, lease_s: float) -> tuple[str, ...]:
@@ -334,7 +342,7 @@ def test_injected_transfer_errors_are_recomputed(cluster: Cluster, server: Serve
 def test_an_expired_lease_is_reclaimed_and_decode_recomputes(
     cluster: Cluster, server: ServerProcess
 ):
-    prompt = " ".join(PROMPTS * 6)  # long enough that recomputing it takes a while
+    prompt = " ".join(PROMPTS * 3)  # long enough that recomputing it takes a while
     (expected,) = [
         c.text for c in server.openai().completions.create(**_body(prompt), stream=False).choices
     ]
@@ -363,7 +371,7 @@ def test_an_expired_lease_is_reclaimed_and_decode_recomputes(
 def test_decode_killed_mid_pull_leaves_prefill_idle(cluster: Cluster):
     """D dies with its pull under way (or before it starts): P's lease ends, at the latest when
     it expires, and its pages go back."""
-    prompt = " ".join(PROMPTS * 6)
+    prompt = " ".join(PROMPTS * 3)
     params = _prefill(cluster.prefill, _body(prompt))["kv_transfer_params"]
     faulty = cluster.faulty_decode
     body = {**_body(prompt), "stream": True, "kv_transfer_params": params}
@@ -404,8 +412,7 @@ def hybrid_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     for server in pair:
         wait_until_healthy(server)
     yield pair
-    for server in pair:
-        server.stop()
+    _stop_all(pair)
 
 
 def test_hybrid_state_moves_with_the_kv(hybrid_pair):
