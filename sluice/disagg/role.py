@@ -49,6 +49,8 @@ class Disaggregation:
         self.transport: KVTransport = NixlTransport()
         self.layout = CacheLayout.of(config.model_name, runner.kv_cache, runner.state_cache)
         self.transport.register(self.layout, runner.kv_cache, runner.state_cache)
+        # Read here, on the engine thread: the side channel serves it from the event loop.
+        self._metadata = self.transport.metadata()
         self.leases = LeaseTable(engine.kv, config.lease_seconds)
         kv = runner.kv_cache
         page_bytes = 2 * kv.k[:, 0].numel() * kv.k.element_size()
@@ -74,7 +76,7 @@ class Disaggregation:
         return self.config.role == "decode"
 
     def metadata(self) -> dict[str, Any]:
-        return self.transport.metadata()
+        return self._metadata
 
     def add_peer(self, metadata: dict[str, Any]) -> None:
         """Remember a P (from its side channel); InvalidParameterError when its caches cannot be

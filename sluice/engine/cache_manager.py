@@ -176,17 +176,13 @@ class KVCacheManager:
         if pool.num_free == 0:
             return False
         request.state_slot = pool.allocate()
-        if fill:
-            self.fill_state(request)
-        return True
-
-    def fill_state(self, request: Request) -> None:
-        """Queue the state after the request's computed tokens into its slot: the matched
-        checkpoint's copy, or zeros."""
+        if not fill:
+            return True
         if request.num_computed_tokens:
-            self.state_pool.copy(request.prefix_node.state_checkpoint, request.state_slot)
+            pool.copy(request.prefix_node.state_checkpoint, request.state_slot)
         else:
-            self.state_pool.zero(request.state_slot)
+            pool.zero(request.state_slot)
+        return True
 
     def align_chunk(self, request: Request, num_tokens: int) -> int:
         """Shorten a hybrid model's prefill chunk to end on a page boundary (or at the branch point

@@ -97,15 +97,17 @@ class Scheduler:
 
     def pulled(self, request: Request, ok: bool) -> None:
         """The pull of a request's prompt KV ended: with the KV in its pages it goes on from
-        the prompt's end; without (`ok` False) it computes the missing part itself."""
+        the prompt's end; without (`ok` False) it goes back to the queue's front to be computed
+        here, from the prefix cache, as after a preemption."""
         self.pulling.remove(request)
         request.remote_prefill = None
-        if ok:
-            request.num_computed_tokens = request.num_prompt_tokens
-            self.kv.cache_computed(request)
-        elif request.state_slot is not None:
-            self.kv.fill_state(request)
-        request.status = RequestStatus.RUNNING
+        if not ok:
+            self._release(request)
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+            return
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_computed(request)
         self.running.append(request)
 
     def schedule(self) -> ScheduledBatch:
