@@ -114,8 +114,8 @@ def launch_server(
     return ServerProcess(process, port, log_path, api_key)
 
 
-def wait_until_healthy(server: ServerProcess) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_until_healthy(server: ServerProcess, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             pytest.fail(
@@ -128,7 +128,7 @@ def wait_until_healthy(server: ServerProcess) -> None:
             pass
         time.sleep(0.25)
     server.stop()
-    pytest.fail(f"sluice serve was not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+    pytest.fail(f"sluice serve was not healthy after {timeout} s:\n{server.log_tail()}")
 
 
 def free_port() -> int:

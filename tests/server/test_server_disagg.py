@@ -34,6 +34,8 @@ from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 pytestmark = pytest.mark.slow
 
 UCX = {"UCX_TLS": "tcp"}  # loopback TCP: no RDMA here
+# Three servers load at once on two shared cores: more time than one alone is given.
+STARTUP_TIMEOUT_S = 400.0
 LEASE_S = 6.0
 PAGE_SIZE = 16
 MAX_TOKENS = 8
@@ -69,7 +71,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         ),
     ]
     for server in servers:
-        wait_until_healthy(server)
+        wait_until_healthy(server, STARTUP_TIMEOUT_S)
     prefill, decode, faulty = servers
     command = ["vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin"]
     command += ["--prefill", prefill.url, "--decode", decode.url]
@@ -410,7 +412,7 @@ def hybrid_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
         launch_server(folder / "decode.log", *model, "--role", "decode", env=UCX),
     )
     for server in pair:
-        wait_until_healthy(server)
+        wait_until_healthy(server, STARTUP_TIMEOUT_S)
     yield pair
     _stop_all(pair)
 
