@@ -70,14 +70,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             env=UCX,
         ),
     ]
-    for server in servers:
-        wait_until_healthy(server, STARTUP_TIMEOUT_S)
+    _wait_for_all(servers)
     prefill, decode, faulty = servers
     command = ["vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin"]
     command += ["--prefill", prefill.url, "--decode", decode.url]
     with _router(command, folder / "vllm-router.log") as router_url:
         yield Cluster(prefill, decode, faulty, router_url)
     _stop_all(servers)
+
+
+def _wait_for_all(servers) -> None:
+    """All healthy, or all stopped: one that fails to start leaves no other running."""
+    try:
+        for server in servers:
+            wait_until_healthy(server, STARTUP_TIMEOUT_S)
+    except BaseException:
+        _stop_all(servers)
+        raise
 
 
 def _stop_all(servers) -> None:
@@ -411,8 +420,7 @@ def hybrid_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
         launch_server(folder / "prefill.log", *model, *_role("prefill", 30), env=UCX),
         launch_server(folder / "decode.log", *model, "--role", "decode", env=UCX),
     )
-    for server in pair:
-        wait_until_healthy(server, STARTUP_TIMEOUT_S)
+    _wait_for_all(pair)
     yield pair
     _stop_all(pair)
 
