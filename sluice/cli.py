@@ -172,12 +172,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
     from sluice.config import EngineConfig
+    from sluice.disagg.role import DisaggConfig
     from sluice.engine.async_engine import AsyncEngine
     from sluice.engine.engine import Engine
     from sluice.server.openai import ServerSettings, create_app, served_model_name
 
     config = EngineConfig.create(**engine_kwargs(args))
-    engine = AsyncEngine(lambda: Engine(config))
+    disagg = DisaggConfig(
+        args.role,
+        args.pd_host or args.host,
+        args.port,
+        served_model_name(args.model),
+        args.pd_lease_seconds,
+        args.pd_inject_transfer_errors,
+    )
+    engine = AsyncEngine(lambda: Engine(config, disagg=disagg))
     settings = ServerSettings(
         served_model_name(args.model),
         api_key=args.api_key,
@@ -197,6 +206,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     serve(app, sock, args.log_level.lower(), args.shutdown_timeout)
     return 0
+
+
+def add_disagg_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prefill/decode disaggregation (vLLM's kv_transfer_params)")
+    group.add_argument(
+        "--role",
+        default="both",
+        choices=["both", "prefill", "decode"],
+        help="prefill: keep each prompt's KV for a decode instance to pull (over NIXL); "
+        "decode: pull it instead of computing the prompt; both: no disaggregation",
+    )
+    group.add_argument(
+        "--pd-host",
+        default=None,
+        help="prefill: the host decode instances reach this server at (default: --host)",
+    )
+    group.add_argument(
+        "--pd-lease-seconds",
+        type=float,
+        default=30.0,
+        help="prefill: how long a prompt's pages wait for a decode instance to pull them",
+    )
+    group.add_argument(
+        "--pd-inject-transfer-errors",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="decode, for fault tests: fail this fraction of pulls (the request is recomputed)",
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -288,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGTERM; then each stream ends with "
         "an error event and [DONE], each waiting request with a 503",
     )
+    add_disagg_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

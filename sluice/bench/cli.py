@@ -23,6 +23,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_serve(kinds)
     _add_prefix_cache(kinds)
     _add_speculative(kinds)
+    _add_pd_transfer(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -179,3 +180,15 @@ def _add_prefix_cache(kinds: argparse._SubParsersAction) -> None:
     )
     _add_common(prefix)
     prefix.set_defaults(func=_runner("prefix_cache"))
+
+
+def _add_pd_transfer(kinds: argparse._SubParsersAction) -> None:
+    pd = kinds.add_parser(
+        "pd-transfer",
+        help="pull a prompt's KV from a prefill engine over NIXL vs recompute it, by length",
+    )
+    pd.add_argument("--prompt-lens", type=_int_list, default=[512, 1024, 2048])
+    pd.add_argument("--repeats", type=_POSITIVE, default=3)
+    add_engine_args(pd, compile_default=False)
+    _add_common(pd)
+    pd.set_defaults(func=_runner("pd_transfer"))

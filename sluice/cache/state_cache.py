@@ -39,13 +39,14 @@ class StateCache:
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         return self.layers[index]
 
-    def _tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor, in layer order (what a KV transport registers)."""
         return [tensor for layer in self.layers for tensor in layer.values()]
 
     def apply(self, ops: list[StateOp]) -> None:
         """Zero fresh slots and copy checkpoints, in the order the pool queued them."""
         for op in ops:
-            for tensor in self._tensors():
+            for tensor in self.tensors():
                 if op.source is None:
                     tensor[op.target].zero_()
                 else:
@@ -53,9 +54,9 @@ class StateCache:
 
     def export_slot(self, slot: int) -> list[torch.Tensor]:
         """Copies of slot `slot` of every state tensor, in layer order."""
-        return [tensor[slot].clone() for tensor in self._tensors()]
+        return [tensor[slot].clone() for tensor in self.tensors()]
 
     def import_slot(self, slot: int, state: list[torch.Tensor]) -> None:
         """Write an exported slot (`export_slot`'s result) into this cache's slot `slot`."""
-        for tensor, exported in zip(self._tensors(), state, strict=True):
+        for tensor, exported in zip(self.tensors(), state, strict=True):
             tensor[slot].copy_(exported)

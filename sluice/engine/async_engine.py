@@ -118,8 +118,10 @@ class AsyncEngine:
             built.set()
         try:
             while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished_requests())
-                if self.engine.has_unfinished_requests():
+                # Leases and transfers in flight need the loop even with no request to step.
+                poll = self.engine.idle_poll_seconds
+                self._drain_commands(not self.engine.has_unfinished_requests(), poll)
+                if self.engine.has_unfinished_requests() or poll is not None:
                     self._step()
         except BaseException as exc:  # the loop itself broke: fail every caller, never hang them
             logger.exception("engine thread failed")
@@ -141,9 +143,9 @@ class AsyncEngine:
             return
         self._deliver(outputs)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool, timeout: float | None = None) -> None:
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=timeout)
             while True:
                 command()
                 command = self._commands.get_nowait()
@@ -152,7 +154,7 @@ class AsyncEngine:
 
     def _add(self, request_id: str, request: PreparedRequest) -> None:
         try:
-            self.engine.add_request(request_id, request)
+            self._deliver(self.engine.add_request(request_id, request))
         except Exception as exc:  # e.g. a duplicate id: that caller's error, not the engine's
             subscriber = self._subscribers.get(request_id)
             if subscriber is not None:

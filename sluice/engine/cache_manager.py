@@ -142,6 +142,15 @@ class KVCacheManager:
     def release_held(self, page_ids: list[int]) -> None:
         self.pool.release(page_ids)
 
+    def detach_state(self, request: Request) -> int | None:
+        """Take a finishing request's state slot away from it, so that freeing the request
+        keeps the slot (and its state) for another process to read; `release_state` ends it."""
+        slot, request.state_slot = request.state_slot, None
+        return slot
+
+    def release_state(self, slot: int) -> None:
+        self.state_pool.free(slot)
+
     def match_prefix(self, request: Request) -> None:
         """Start a request with nothing computed from the longest cached prefix of its tokens."""
         if self.prefix_cache is None or request.num_computed_tokens:
@@ -155,9 +164,10 @@ class KVCacheManager:
         request.num_cached_tokens = min(hit.num_tokens, request.num_prompt_tokens)
         request.checkpoint_target = hit.num_kv_tokens if hit.num_kv_tokens > hit.num_tokens else 0
 
-    def acquire_state(self, request: Request) -> bool:
+    def acquire_state(self, request: Request, fill: bool = True) -> bool:
         """Give an admitted request of a hybrid model its state slot, holding the state after its
-        computed tokens: the matched checkpoint's copy, or zeros. False if no slot can be had."""
+        computed tokens (unless not `fill`: a transfer from another engine fills it). False if
+        no slot can be had."""
         pool = self.state_pool
         if pool is None or request.state_slot is not None:
             return True
@@ -166,6 +176,8 @@ class KVCacheManager:
         if pool.num_free == 0:
             return False
         request.state_slot = pool.allocate()
+        if not fill:
+            return True
         if request.num_computed_tokens:
             pool.copy(request.prefix_node.state_checkpoint, request.state_slot)
         else:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from sluice.config import CacheConfig, EngineConfig
+from sluice.disagg.params import RemotePrefill, TransferRequest
+from sluice.disagg.role import DisaggConfig, Disaggregation
 from sluice.engine.cache_manager import KVCacheManager, PagePool
 from sluice.engine.executor import Executor
 from sluice.engine.model_runner import ModelRunner, kv_bytes_per_page, state_bytes_per_slot
@@ -25,9 +28,13 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     def __init__(
-        self, config: EngineConfig | None = None, loaded: LoadedModel | None = None
+        self,
+        config: EngineConfig | None = None,
+        loaded: LoadedModel | None = None,
+        disagg: DisaggConfig | None = None,
     ) -> None:
-        """`loaded` reuses a model already in memory; this engine gets caches of its own."""
+        """`loaded` reuses a model already in memory; this engine gets caches of its own.
+        `disagg`: its role in prefill/decode disaggregation (none: it does both)."""
         self.config = config = config or EngineConfig()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -75,6 +82,9 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
         )
+        self.disagg = (
+            Disaggregation(disagg, self) if disagg is not None and disagg.role != "both" else None
+        )
         self._requests: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._streams: dict[Request, TextStream] = {}
         logger.info(
@@ -117,9 +127,14 @@ class Engine:
         )
 
     def make_request(
-        self, prompt_ids: list[int], params: SamplingParams, cache_salt: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str = "",
+        transfer: TransferRequest | None = None,
     ) -> PreparedRequest:
-        """Validate `params` against this model; `prompt_ids` come from `encode_prompt`."""
+        """Validate `params` (and a disaggregated request's `transfer`) against this model and
+        role; `prompt_ids` come from `encode_prompt`."""
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(
                 "params", f"expected SamplingParams, got {type(params).__name__}"
@@ -130,7 +145,9 @@ class Engine:
             raise InvalidParameterError(
                 "stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab_size})"
             )
-        return PreparedRequest(prompt_ids, params, cache_salt)
+        if transfer is not None:
+            check_transfer(self.disagg, transfer, prompt_ids, params)
+        return PreparedRequest(prompt_ids, params, cache_salt, transfer)
 
     def prepare(
         self, prompt: str | list[int], params: SamplingParams, cache_salt: str = ""
@@ -140,8 +157,9 @@ class Engine:
         KV."""
         return self.make_request(self.encode_prompt(prompt), params, cache_salt)
 
-    def add_request(self, request_id: str, prepared: PreparedRequest) -> None:
-        """Queue a prepared request as its `n` sequences."""
+    def add_request(self, request_id: str, prepared: PreparedRequest) -> list[RequestOutput]:
+        """Queue a prepared request as its `n` sequences. Returns the outputs it has at once:
+        a disaggregated decode's first token, sampled by the prefill instance."""
         if request_id in self._requests:
             raise InvalidParameterError(
                 "request_id", f"request id {request_id!r} is already in use"
@@ -151,10 +169,34 @@ class Engine:
             self._new_sequence(request_id, i, prepared, params.for_sample(i))
             for i in range(params.n)
         ]
-        for seq in sequences:
-            self.scheduler.add(seq)
-            self._streams[seq] = TextStream(self.tokenizer, seq.params)
         self._requests[request_id] = sequences
+        transfer = prepared.transfer
+        outputs = []
+        for seq in sequences:
+            self._streams[seq] = TextStream(self.tokenizer, seq.params)
+            if transfer is not None and transfer.remote_prefill is not None:
+                outputs.append(self._add_prefilled(seq, transfer.remote_prefill))
+            else:
+                if transfer is not None and transfer.remote_decode:
+                    self._keep_for_remote_decode(seq, transfer)
+                self.scheduler.add(seq)
+        return outputs
+
+    def _keep_for_remote_decode(self, seq: Request, transfer: TransferRequest) -> None:
+        """A prefill instance computes the prompt, samples one token and keeps the KV (sglang-
+        router sends P the client's max_tokens; vllm-router already sends 1)."""
+        seq.keep_kv = True
+        seq.room = transfer.room
+        seq.params = dataclasses.replace(seq.params, max_tokens=1)
+
+    def _add_prefilled(self, seq: Request, prefill: RemotePrefill) -> RequestOutput:
+        """Queue a sequence whose prompt's KV comes from a prefill instance; its first token
+        (sampled there) goes out now, before the transfer (early first token)."""
+        seq.remote_prefill = prefill
+        reason = self.scheduler.add_prefilled(seq, prefill.first_token_id)
+        logprob = prefill.first_logprob if seq.params.logprobs is not None else None
+        update = RequestUpdate(seq, [prefill.first_token_id], [logprob] if logprob else [], reason)
+        return self._output(update)
 
     def _new_sequence(
         self, request_id: str, index: int, prepared: PreparedRequest, params: SamplingParams
@@ -188,6 +230,11 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     @property
+    def idle_poll_seconds(self) -> float | None:
+        """With nothing to step, how soon `step` still has work (KV transfers): None, never."""
+        return self.disagg.idle_poll_seconds if self.disagg is not None else None
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -200,8 +247,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.proposer is not None:
             self._propose()
+        if self.disagg is not None:
+            self.disagg.poll()
         batch = self.scheduler.schedule()
         if not batch.requests:
+            if self.disagg is not None:
+                self.disagg.wait()
             return []
         output = self.executor.execute(batch.step)
         return [self._output(update) for update in self.scheduler.update(batch, output)]
@@ -263,6 +314,8 @@ class Engine:
         if self.proposer is not None:
             self.proposer.finished(req)
         output = self._request_output(req, tokens, logprobs)
+        if self.disagg is not None:
+            output.kv_transfer_params = self.disagg.finished(req, logprobs[0] if logprobs else None)
         del self._streams[req]
         siblings = self._requests[req.parent_id]
         if all(s not in self._streams for s in siblings):  # the last one's final output
@@ -284,6 +337,33 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
             logprobs=logprobs,
             queue_time=req.queue_time,
+        )
+
+
+def check_transfer(
+    disagg: Disaggregation | None,
+    transfer: TransferRequest,
+    prompt_ids: list[int],
+    params: SamplingParams,
+) -> None:
+    """A request's `kv_transfer_params` must fit this engine's role and the request."""
+    role = "both" if disagg is None else disagg.config.role
+    wanted = "prefill" if transfer.remote_decode else "decode"
+    if role != wanted:
+        raise InvalidParameterError(
+            "kv_transfer_params",
+            f"this server's role is {role}; a request "
+            + ("for a remote decode" if transfer.remote_decode else "with a remote prefill")
+            + f" goes to a server started with --role {wanted}",
+        )
+    if params.n != 1:
+        raise InvalidParameterError("n", "a disaggregated request takes n=1")
+    prefill = transfer.remote_prefill
+    if prefill is not None and prefill.num_tokens != len(prompt_ids):
+        raise InvalidParameterError(
+            "kv_transfer_params",
+            f"the prefill instance computed {prefill.num_tokens} prompt tokens, this request's "
+            f"prompt has {len(prompt_ids)}: the two requests differ",
         )
 
 

@@ -29,6 +29,8 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     queue_time: float | None = None  # seconds from entering the engine to first being scheduled
+    # A prefill instance's last output for a remote decode: where D finds the KV (sluice.disagg).
+    kv_transfer_params: dict | None = None
 
 
 class TextStream:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from sluice.disagg.params import RemotePrefill, TransferRequest
     from sluice.engine.prefix_cache import RadixNode
 
 
@@ -39,6 +40,16 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
+    transfer: TransferRequest | None = None  # prefill/decode disaggregation: see sluice.disagg
+
+
+@dataclass(frozen=True)
+class HeldKV:
+    """A finished request's pages and state slot, kept from reuse while another process reads
+    them (see `KVCacheManager.hold`)."""
+
+    page_ids: list[int]
+    state_slot: int | None
 
 
 @dataclass(eq=False)
@@ -69,6 +80,12 @@ class Request:
     state_slot: int | None = None
     checkpoint_target: int = 0
     output_checkpoint: RadixNode | None = None  # its newest checkpoint past the prompt
+    # Prefill/decode disaggregation. P: keep the KV when the request ends (`held` then has it).
+    # D: the prompt's KV is to be pulled from P instead of computed (until the pull ends).
+    keep_kv: bool = False
+    room: int | None = None  # P, driven by sglang-router: the bootstrap room D asks for
+    held: HeldKV | None = None
+    remote_prefill: RemotePrefill | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sluice.config import SchedulerConfig
 from sluice.engine.cache_manager import KVCacheManager
-from sluice.engine.request import FinishReason, Request, RequestStatus, TokenLogprob
+from sluice.engine.request import FinishReason, HeldKV, Request, RequestStatus, TokenLogprob
 from sluice.engine.step import SampledToken, SamplingRow, ScheduledRequest, StepInput, StepOutput
 from sluice.spec.stats import SpecStats
 
@@ -67,13 +67,15 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Admitted with their pages, waiting for their prompt's KV from another engine.
+        self.pulling: list[Request] = []
         self.num_preemptions = 0
         self.spec_stats = SpecStats()
         self._finished_ids: list[str] = []  # since the last step: the model drops their state
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.pulling)
 
     def add(self, request: Request) -> None:
         if request.num_tokens > self.kv.capacity_tokens:
@@ -82,6 +84,33 @@ class Scheduler:
                 f"the pool holds {self.kv.capacity_tokens}"
             )
         self.waiting.append(request)
+
+    def add_prefilled(self, request: Request, first_token: int) -> FinishReason | None:
+        """Queue a request whose prompt another engine computed (prefill/decode disaggregation)
+        with the token that engine sampled; if that token already ends it, finish it instead
+        and say why."""
+        request.output_token_ids.append(first_token)
+        reason = self._stop_reason(request, first_token)
+        if reason is None:
+            self.add(request)
+        else:
+            self.finish(request, reason)
+        return reason
+
+    def pulled(self, request: Request, ok: bool) -> None:
+        """The pull of a request's prompt KV ended: with the KV in its pages it goes on from
+        the prompt's end; without (`ok` False) it goes back to the queue's front to be computed
+        here, from the prefix cache, as after a preemption."""
+        self.pulling.remove(request)
+        request.remote_prefill = None
+        if not ok:
+            self._release(request)
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+            return
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_computed(request)
+        self.running.append(request)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -96,11 +125,18 @@ class Scheduler:
         """End a request wherever it is (done, stopped or aborted) and free its pages."""
         request.finish_reason = reason
         request.status = RequestStatus.FINISHED
+        pulling = request in self.pulling
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif pulling:
+            self.pulling.remove(request)
         request.spec_token_ids = []
+        # A prefill whose decode runs elsewhere keeps its KV for the reader; so does a request
+        # whose own pull still writes into its pages.
+        if (request.keep_kv and reason != FinishReason.ABORT) or pulling:
+            request.held = HeldKV(self.kv.hold(request), self.kv.detach_state(request))
         self.kv.free(request)
         self._finished_ids.append(request.request_id)
 
@@ -226,9 +262,13 @@ class Scheduler:
         request.spec_token_ids = []
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._num_admitted < self.config.max_num_seqs:
             request = self.waiting[0]
             self.kv.match_prefix(request)
+            if request.remote_prefill is not None:
+                if not self._admit_pull(request):
+                    break
+                continue
             num_tokens = self._chunk_size(request, budget)
             if not self.kv.can_allocate(request, num_tokens) or not self.kv.acquire_state(request):
                 self._release(request)
@@ -241,6 +281,27 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, num_tokens)
             budget -= num_tokens
+
+    @property
+    def _num_admitted(self) -> int:
+        return len(self.running) + len(self.pulling)
+
+    def _admit_pull(self, request: Request) -> bool:
+        """Admit a request whose prompt KV comes from another engine: pages for all of the
+        prompt (the prefix cache's hit included) and an unfilled state slot, no compute."""
+        missing = request.num_prompt_tokens - request.num_computed_tokens
+        if not self.kv.can_allocate(request, missing) or not self.kv.acquire_state(
+            request, fill=False
+        ):
+            self._release(request)
+            return False
+        self.waiting.popleft()
+        self.kv.allocate(request, missing)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self.pulling.append(request)
+        return True
 
 
 def _scheduled_request(request: Request, num_tokens: int, num_drafts: int) -> ScheduledRequest:

@@ -21,6 +21,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sluice.disagg.decode import PULL_FAILURES
+from sluice.disagg.role import Disaggregation
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import FinishReason
@@ -135,8 +137,25 @@ class ServerMetrics:
         ]
         if engine.state_pool is not None:
             gauges += _state_gauges(engine)
+        if engine.disagg is not None:
+            gauges += _disagg_gauges(engine.disagg)
         for name, documentation, read in gauges:
             Gauge(f"sluice:{name}", documentation, registry=self.registry).set_function(read)
+        for name, documentation, read in _vllm_gauges(engine):
+            Gauge(f"vllm:{name}", documentation, registry=self.registry).set_function(read)
+        if engine.disagg is not None:
+            self._pull_failures(engine.disagg)
+
+    def _pull_failures(self, disagg: Disaggregation) -> None:
+        failures = disagg.pulls.stats.failures
+        gauge = Gauge(
+            "sluice:pd_pulls_failed_by_cause",
+            "Pulls that failed (the prompt was recomputed), by why.",
+            ["cause"],
+            registry=self.registry,
+        )
+        for cause in PULL_FAILURES:
+            gauge.labels(cause).set_function(lambda cause=cause: failures.get(cause, 0))
 
     def _counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
         return Counter(f"sluice:{name}", documentation, labels or [], registry=self.registry)
@@ -201,6 +220,46 @@ def _state_gauges(engine: Engine) -> list[tuple[str, str, Callable[[], float]]]:
             "state_checkpoints",
             "Recurrent-state checkpoints the prefix cache keeps.",
             lambda: engine.prefix_cache.num_checkpoints if engine.prefix_cache else 0,
+        ),
+    ]
+
+
+def _vllm_gauges(engine: Engine) -> list[tuple[str, str, Callable[[], float]]]:
+    """The names routers and llm-d's endpoint picker scrape from vLLM."""
+    pool = engine.pool
+    return [
+        ("num_requests_running", "Sequences in the running batch.", lambda: engine.num_running),
+        ("num_requests_waiting", "Sequences waiting to be scheduled.", lambda: engine.num_waiting),
+        (
+            "kv_cache_usage_perc",
+            "Share of KV cache pages in use (1 = all), the prefix cache's included.",
+            lambda: pool.num_used / pool.num_pages,
+        ),
+    ]
+
+
+def _disagg_gauges(disagg: Disaggregation) -> list[tuple[str, str, Callable[[], float]]]:
+    """Prefill/decode disaggregation: P's leases, D's pulls (totals since start)."""
+    leases, stats = disagg.leases, disagg.pulls.stats
+    return [
+        (
+            "pd_leases",
+            "Prefills whose pages wait for a decode instance.",
+            lambda: leases.num_leases,
+        ),
+        ("pd_leased_pages", "KV pages held under leases.", lambda: leases.num_pages),
+        ("pd_leases_released", "Leases a decode instance released.", lambda: disagg.num_released),
+        ("pd_leases_expired", "Leases that expired unclaimed.", lambda: leases.num_expired),
+        ("pd_pulls_in_flight", "Pulls under way.", lambda: disagg.pulls.num_in_flight),
+        ("pd_pulls_completed", "Pulls that completed.", lambda: stats.completed),
+        ("pd_pulls_failed", "Pulls that failed (the prompt was recomputed).", lambda: stats.failed),
+        ("pd_pulled_pages", "KV pages pulled.", lambda: stats.pages),
+        ("pd_pulled_bytes", "KV bytes pulled.", lambda: stats.bytes),
+        ("pd_pull_seconds", "Time spent in completed pulls.", lambda: stats.seconds),
+        (
+            "pd_cached_pages",
+            "Prompt pages the decode instance's own prefix cache had (not pulled).",
+            lambda: stats.cached_pages,
         ),
     ]
 

@@ -24,9 +24,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sluice import __version__
 from sluice.api import chat_prompt_ids
+from sluice.disagg.params import TransferRequest
 from sluice.engine.async_engine import AsyncEngine
 from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.server import disagg
 from sluice.server.body_limit import BodyLimitMiddleware
 from sluice.server.errors import APIError, install_error_handlers
 from sluice.server.generation import Generation, GenerationQueue
@@ -202,6 +204,7 @@ class OpenAIServer:
         prompts: list[list[int]],
         params: SamplingParams,
         fmt: ChoiceFormat,
+        transfer: TransferRequest | None = None,
     ) -> Response:
         """Start generating; answer with a stream of events or, once done, the whole response."""
         meta = ResponseMeta(
@@ -211,7 +214,7 @@ class OpenAIServer:
             params.n,
         )
         engine = self.engine.engine
-        requests = [engine.make_request(prompt, params) for prompt in prompts]
+        requests = [engine.make_request(prompt, params, transfer=transfer) for prompt in prompts]
         generation = self.generations.start(meta.id, requests)
         if body.stream:
             events = stream_events(generation, fmt, meta, body.include_usage)
@@ -242,6 +245,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.include_router(open_routes, dependencies=protected)
     app.include_router(docs_routes, dependencies=protected)
     app.include_router(api_routes)
+    app.include_router(disagg.routes, dependencies=protected)
     return app
 
 
@@ -393,7 +397,8 @@ async def create_completion(body: CompletionRequest, request: Request, server: S
     params = body.sampling_params(max_tokens, body.logprobs)
     echoes = [_prompt_text(server, p) for p in raw_prompts] if body.echo else None
     fmt = CompletionFormat(server.tokenizer, body.logprobs is not None, echoes)
-    return await server.respond(request, body, "cmpl", prompts, params, fmt)
+    transfer = await disagg.read_transfer(server, body)
+    return await server.respond(request, body, "cmpl", prompts, params, fmt, transfer)
 
 
 def _prompt_text(server: OpenAIServer, prompt: str | list[int]) -> str:
@@ -413,7 +418,8 @@ async def create_chat_completion(
     with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
         params = body.sampling_params(max_tokens, body.num_logprobs)
     fmt = ChatFormat(server.tokenizer, body.logprobs)
-    return await server.respond(request, body, "chatcmpl", [prompt], params, fmt)
+    transfer = await disagg.read_transfer(server, body)
+    return await server.respond(request, body, "chatcmpl", [prompt], params, fmt, transfer)
 
 
 @api_routes.post("/tokenize")

@@ -90,6 +90,12 @@ class GenerationRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # Prefill/decode disaggregation, as vLLM's routers send it (see sluice.disagg.params).
+    kv_transfer_params: dict[str, Any] | None = None
+    # The same, as sglang-router sends it: P and D get one room number, D asks P for the params.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each feature asked for that would change the result but that sluice lacks."""
@@ -267,6 +273,10 @@ class CompletionChoice(APIModel):
     finish_reason: FinishReasonName | None = None
 
 
+def _omit_none(value: object) -> bool:
+    return value is None
+
+
 class CompletionResponse(APIModel):
     """A whole completion, or (with `stream`) one chunk of it."""
 
@@ -276,6 +286,8 @@ class CompletionResponse(APIModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    # A prefill instance's answer to `do_remote_decode`: what the decode instance pulls.
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=_omit_none)
 
 
 class TopLogprob(APIModel):
@@ -312,10 +324,7 @@ class ChatCompletionResponse(APIModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-
-
-def _omit_none(value: object) -> bool:
-    return value is None
+    kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=_omit_none)
 
 
 class Delta(APIModel):

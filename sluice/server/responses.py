@@ -260,10 +260,15 @@ async def collect(generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta)
     """The whole response, once every choice has finished."""
     usage = UsageCounter(meta)
     choices = [Completion(index, fmt.prefix(meta, index)) for index in range(meta.num_choices)]
+    kv_transfer_params = None
     async for item in generation:
         usage.add(item)
         choices[item.choice].add(item.output)
-    return fmt.response(meta, choices, usage.usage())
+        kv_transfer_params = item.output.kv_transfer_params or kv_transfer_params
+    response = fmt.response(meta, choices, usage.usage())
+    if kv_transfer_params is not None:
+        response.kv_transfer_params = kv_transfer_params
+    return response
 
 
 def _finish_reason(out: RequestOutput) -> str | None:

@@ -76,7 +76,16 @@ def _sample_key(name: str, labels: dict[str, str]) -> str:
 
 
 def start_server(log_path: Path, *args: str, api_key: str | None = None) -> ServerProcess:
-    port = _free_port()
+    server = launch_server(log_path, *args, api_key=api_key)
+    wait_until_healthy(server)
+    return server
+
+
+def launch_server(
+    log_path: Path, *args: str, api_key: str | None = None, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Start `sluice serve` without waiting for it (to start several at once)."""
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -99,14 +108,14 @@ def start_server(log_path: Path, *args: str, api_key: str | None = None) -> Serv
     if api_key:
         command += ["--api-key", api_key]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_SERVER_ENV)
-    server = ServerProcess(process, port, log_path, api_key)
-    _wait_until_healthy(server)
-    return server
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**_SERVER_ENV, **(env or {})}
+        )
+    return ServerProcess(process, port, log_path, api_key)
 
 
-def _wait_until_healthy(server: ServerProcess) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_until_healthy(server: ServerProcess, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             pytest.fail(
@@ -119,10 +128,10 @@ def _wait_until_healthy(server: ServerProcess) -> None:
             pass
         time.sleep(0.25)
     server.stop()
-    pytest.fail(f"sluice serve was not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
+    pytest.fail(f"sluice serve was not healthy after {timeout} s:\n{server.log_tail()}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -88,6 +88,7 @@ IDLE_ENGINE = SimpleNamespace(
     num_waiting=0,
     prefix_cache=None,
     state_pool=None,
+    disagg=None,
     pool=SimpleNamespace(num_used=0, num_pages=8),
 )
 
