@@ -167,6 +167,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
+    cuda_graphs: bool = True  # CUDA only: decode steps replayed from graphs (engine/cuda_graphs.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -196,6 +197,7 @@ class EngineConfig:
         num_state_slots: int | None = None,
         threads: int | None = None,
         compile: bool = True,
+        cuda_graphs: bool = True,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -206,6 +208,7 @@ class EngineConfig:
             max_model_len=max_model_len,
             threads=threads,
             compile=compile,
+            cuda_graphs=cuda_graphs,
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),

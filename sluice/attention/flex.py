@@ -48,6 +48,8 @@ class FlexMetadata:
     kv_indices: torch.Tensor  # [B, 1, Qblocks, P'] which pages, padded with 0
     page_size: int
     decode: bool  # one query per batch row (B = T), else one packed row (B = 1)
+    # built by the step's first layer, read by the rest (and kept by a captured CUDA graph)
+    mask: BlockMask | None = None
 
     def to(self, device: torch.device) -> FlexMetadata:
         moved = {
@@ -121,6 +123,8 @@ class FlexBackend(AttentionBackend):
         k_slots, v_slots = cache.slots(layer)
         k_slots.index_copy_(0, meta.slot_mapping, k.to(k_slots.dtype))
         v_slots.index_copy_(0, meta.slot_mapping, v.to(v_slots.dtype))
+        if meta.mask is None:
+            meta.mask = block_mask(meta, k_slots.shape[0])
         keys, values = (s.transpose(0, 1).unsqueeze(0) for s in (k_slots, v_slots))
         # [T, heads, dim] -> [B, heads, Tb, dim]: a row per decode, else one packed row
         queries = q.unsqueeze(2) if meta.decode else q.transpose(0, 1).unsqueeze(0)
@@ -128,7 +132,7 @@ class FlexBackend(AttentionBackend):
             queries.to(keys.dtype),
             keys,
             values,
-            block_mask=block_mask(meta, k_slots.shape[0]),
+            block_mask=meta.mask,
             scale=scale,
             enable_gqa=True,
         )
