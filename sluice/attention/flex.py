@@ -99,6 +99,7 @@ class FlexBackend(AttentionBackend):
     def __init__(self, compiled: bool) -> None:
         """`compiled`: FlexAttention's fused kernel (CUDA); else its unfused reference."""
         self._attend = torch.compile(flex_attention, dynamic=True) if compiled else flex_attention
+        self.compiled = compiled
 
     def build_metadata(
         self,
@@ -135,6 +136,9 @@ class FlexBackend(AttentionBackend):
             block_mask=meta.mask,
             scale=scale,
             enable_gqa=True,
+            # The kernel's key tile must not span pages: one page a tile keeps each query's
+            # reduction order independent of where its pages lie (pytorch/pytorch#182593).
+            kernel_options={"BLOCK_N": meta.page_size} if self.compiled else None,
         )
         out = out.squeeze(2) if meta.decode else out.squeeze(0).transpose(0, 1)
         return out.reshape(q.shape[0], -1).to(q.dtype)
