@@ -113,19 +113,21 @@ class CudaGraphDecoder:
         empty = padded_decode_inputs([], [], [], shape.max_batch, shape)
         self._buffers = _to(empty, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # each bucket's view of the buffers, kept: its block mask, built by the warm-up run,
+        # is the one the capture records
+        self._views: dict[int, FlexMetadata] = {}
 
     def capture(self) -> None:
         """Capture every bucket, the largest first (its memory pool then serves the rest)."""
         start = time.perf_counter()
         pool = None
         for bucket in sorted(self.buckets, reverse=True):
-            ids, ctx = self._inputs(bucket)
             with torch.inference_mode():
-                self._forward(ids, ctx)  # compiles FlexAttention's kernel outside the capture
+                self.forward_eagerly(bucket)  # compiles FlexAttention's kernel, uncaptured
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(ids, ctx)
+                    logits = self.forward_eagerly(bucket)
             pool = graph.pool()
             self._graphs[bucket] = (graph, logits)
         logger.info(
@@ -139,6 +141,17 @@ class CudaGraphDecoder:
         self, token_ids: list[int], context_lens: list[int], page_tables: list[list[int]]
     ) -> torch.Tensor | None:
         """Logits [B, vocab] of a decode-only step, or None where no bucket holds it."""
+        bucket = self.load(token_ids, context_lens, page_tables)
+        if bucket is None:
+            return None
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits[: len(token_ids)]
+
+    def load(
+        self, token_ids: list[int], context_lens: list[int], page_tables: list[list[int]]
+    ) -> int | None:
+        """Copy a decode step into the buffers, padded to its bucket; that bucket, or None."""
         bucket = bucket_for(len(token_ids), self.buckets)
         if bucket is None:
             return None
@@ -148,21 +161,20 @@ class CudaGraphDecoder:
             value = getattr(step.meta, name)
             target = buffer if name == "logical_page" else buffer[:bucket]
             target.copy_(value, non_blocking=True)
-        graph, logits = self._graphs[bucket]
-        graph.replay()
-        return logits[: len(token_ids)]
+        return bucket
 
-    def _inputs(self, bucket: int) -> tuple[torch.Tensor, ForwardContext]:
-        whole = self._buffers.meta
-        view = {
-            name: (t if name == "logical_page" else t[:bucket])
-            for name, t in _tensors(whole).items()
-        }
-        meta = dataclasses.replace(whole, **view)
-        return self._buffers.input_ids[:bucket], ForwardContext(meta, self.kv_cache, self.backend)
-
-    def _forward(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model.compute_logits(self.model(ids, ctx))
+    def forward_eagerly(self, bucket: int) -> torch.Tensor:
+        """The forward pass a graph captures: logits [bucket, vocab] of the buffers' first
+        `bucket` rows."""
+        if bucket not in self._views:
+            whole = self._buffers.meta
+            view = {
+                name: (t if name == "logical_page" else t[:bucket])
+                for name, t in _tensors(whole).items()
+            }
+            self._views[bucket] = dataclasses.replace(whole, **view)
+        ctx = ForwardContext(self._views[bucket], self.kv_cache, self.backend)
+        return self.model.compute_logits(self.model(self._buffers.input_ids[:bucket], ctx))
 
 
 def _tensors(meta: FlexMetadata) -> dict[str, torch.Tensor]:

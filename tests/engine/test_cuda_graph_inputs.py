@@ -3,10 +3,19 @@ that attend exactly as the unpadded step (FlexAttention's reference runs here)."
 
 import pytest
 import torch
+from model_harness import load_ours, prompts
 
 from sluice.attention.flex import FlexBackend
+from sluice.attention.sdpa import SdpaBackend
+from sluice.bench.tiny_checkpoint import make_tiny_checkpoint
 from sluice.cache.kv_cache import KVCache
-from sluice.engine.cuda_graphs import GraphShape, batch_buckets, bucket_for, padded_decode_inputs
+from sluice.engine.cuda_graphs import (
+    CudaGraphDecoder,
+    GraphShape,
+    batch_buckets,
+    bucket_for,
+    padded_decode_inputs,
+)
 from sluice.layers.forward_context import ForwardContext
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without")
@@ -45,3 +54,27 @@ def test_padding_rows_write_only_the_scratch_page_and_real_rows_attend_as_unpadd
     torch.testing.assert_close(padded[:3], alone, atol=1e-6, rtol=1e-6)
     for pool, pool_alone in ((padded_cache.k, cache.k), (padded_cache.v, cache.v)):
         assert torch.equal(pool[:, :20], pool_alone[:, :20])  # the scratch page alone differs
+
+
+def test_the_graphs_forward_pass_over_the_buffers_is_the_eager_decode(tmp_path) -> None:
+    """What a graph captures, run eagerly on the CPU: a decode step loaded into the persistent
+    buffers (bucket 4 for 3 sequences) gives the logits of the eager step through SDPA."""
+    make_tiny_checkpoint("llama", tmp_path)
+    model = load_ours(tmp_path)
+    cpu = torch.device("cpu")
+    shape = GraphShape(max_batch=8, max_pages=16, num_pages=41, page_size=4)
+    kv = KVCache.allocate(model.config, shape.num_pages, 4, torch.float32, cpu)
+    tables = [list(range(s, 40, 3)) for s in range(3)]  # interleaved pages
+    batch = prompts([9, 4, 13])
+    sdpa = SdpaBackend()
+    with torch.inference_mode():
+        ctx = ForwardContext.build(sdpa, kv, [9, 4, 13], [0, 0, 0], tables, cpu)
+        model(torch.tensor([t for p in batch for t in p]), ctx)
+        eager_kv = KVCache(kv.k.clone(), kv.v.clone())
+        decoder = CudaGraphDecoder(model, kv, FlexBackend(compiled=False), shape)
+        assert decoder.load([5, 6, 7], [9, 4, 13], tables) == 4
+        got = decoder.forward_eagerly(4)[:3]
+        ctx = ForwardContext.build(sdpa, eager_kv, [1, 1, 1], [9, 4, 13], tables, cpu)
+        want = model.compute_logits(model(torch.tensor([5, 6, 7]), ctx))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(kv.k[:, :40], eager_kv.k[:, :40])  # the same keys, in place
