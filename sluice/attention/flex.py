@@ -73,22 +73,16 @@ def allowed(meta: FlexMetadata, query: torch.Tensor, kv: torch.Tensor) -> torch.
 
 
 def block_mask(meta: FlexMetadata, pool_slots: int) -> BlockMask:
-    if meta.decode:
+    """Decodes are the batch rows (one query each), a packed step's tokens the query rows."""
 
-        def mask_mod(b, h, q, kv):
-            return allowed(meta, b, kv)
+    def mask_mod(b, h, q, kv):
+        return allowed(meta, b if meta.decode else q, kv)
 
-        q_len, q_block = 1, Q_BLOCK
-    else:
-
-        def mask_mod(b, h, q, kv):
-            return allowed(meta, q, kv)
-
-        q_len, q_block = meta.positions.shape[0], Q_BLOCK
+    q_len = 1 if meta.decode else meta.positions.shape[0]
     return BlockMask.from_kv_blocks(
         meta.kv_num_blocks,
         meta.kv_indices,
-        BLOCK_SIZE=(q_block, meta.page_size),
+        BLOCK_SIZE=(Q_BLOCK, meta.page_size),
         mask_mod=mask_mod,
         seq_lengths=(q_len, pool_slots),
         compute_q_blocks=False,  # for the backward pass only
