@@ -58,6 +58,12 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         default=compile_default,
         help="run steps through torch.compile (compiled at start, ~90 s, then cached)",
     )
+    group.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: replay decode steps from graphs captured at start (logged with its time)",
+    )
     add_speculative_args(parser)
 
 
@@ -103,6 +109,7 @@ ENGINE_OPTIONS = (
     "ngram_min",
     "ngram_max",
     "speculative_disable_batch_size",
+    "cuda_graphs",
 )
 SAMPLING_OPTIONS = (
     "max_tokens",

@@ -201,6 +201,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
+    cuda_graphs: bool = True  # CUDA only: decode steps replayed from graphs (engine/cuda_graphs.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -236,6 +237,7 @@ class EngineConfig:
         ngram_min: int = 1,
         ngram_max: int = 4,
         speculative_disable_batch_size: int = 8,
+        cuda_graphs: bool = True,
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -246,6 +248,7 @@ class EngineConfig:
             max_model_len=max_model_len,
             threads=threads,
             compile=compile,
+            cuda_graphs=cuda_graphs,
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),

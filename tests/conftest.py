@@ -17,6 +17,15 @@ from sluice.models.registry import LoadedModel, load_model
 sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The packaged SmolLM2-135M-Instruct Q4_1 GGUF."""

@@ -7,10 +7,11 @@ import logging
 
 import torch
 
-from sluice.config import CacheConfig, EngineConfig
+from sluice.config import CacheConfig, EngineConfig, ModelConfig
 from sluice.disagg.params import RemotePrefill, TransferRequest
 from sluice.disagg.role import DisaggConfig, Disaggregation
 from sluice.engine.cache_manager import KVCacheManager, PagePool
+from sluice.engine.cuda_graphs import GraphShape
 from sluice.engine.executor import Executor
 from sluice.engine.model_runner import ModelRunner, kv_bytes_per_page, state_bytes_per_slot
 from sluice.engine.output import RequestOutput, TextStream
@@ -78,6 +79,7 @@ class Engine:
             loaded.tokenizer.eos_token_ids,
             self.state_pool,
             config.compile,
+            _graph_shape(config, loaded.config, num_pages, page_size, self.device),
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -378,3 +380,22 @@ def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _graph_shape(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    device: torch.device,
+) -> GraphShape | None:
+    """CUDA graphs' buffer sizes, with one scratch page past the scheduler's; None off CUDA and
+    for hybrid models (their recurrent state is not in the graphs)."""
+    if device.type != "cuda" or not config.cuda_graphs or model_config.is_hybrid:
+        return None
+    max_len = min(
+        config.max_model_len or model_config.max_position_embeddings, num_pages * page_size
+    )
+    return GraphShape(
+        config.scheduler.max_num_seqs, -(-max_len // page_size), num_pages + 1, page_size
+    )

@@ -14,6 +14,7 @@ from sluice.cache.kv_cache import KVCache
 from sluice.cache.state_cache import StateCache
 from sluice.config import ModelConfig
 from sluice.engine.compiled_step import compiled_step
+from sluice.engine.cuda_graphs import CudaGraphDecoder, GraphShape
 from sluice.engine.request import TokenLogprob
 from sluice.engine.state_pool import StatePool
 from sluice.engine.step import SampledToken, SamplingRow, ScheduledRequest, StepInput, StepOutput
@@ -53,14 +54,18 @@ class ModelRunner:
         eos_token_ids: frozenset[int] = frozenset(),
         state_pool: StatePool | None = None,
         compile: bool = False,
+        graph_shape: GraphShape | None = None,
     ) -> None:
+        """`graph_shape` (CUDA): capture decode graphs of these sizes; its scratch page is one
+        past `num_pages`."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
-        self.kv_cache = KVCache.allocate(model.config, num_pages, page_size, kv_dtype, device)
+        pool_pages = graph_shape.num_pages if graph_shape is not None else num_pages
+        self.kv_cache = KVCache.allocate(model.config, pool_pages, page_size, kv_dtype, device)
         self.state_cache = (
             allocate_state(model, state_pool.num_slots, dtype, device)
             if state_pool is not None
@@ -69,7 +74,7 @@ class ModelRunner:
         head_dim = model.config.head_dim
         self.compiled_step = (
             compiled_step(model, self.kv_cache, select_backend(head_dim, device, compiled=True))
-            if compile
+            if compile and device.type == "cpu"  # inductor's CPU graphs; CUDA replays its own
             else None
         )
         self.backend = (
@@ -77,9 +82,16 @@ class ModelRunner:
             if self.compiled_step is not None
             else select_backend(head_dim, device, compiled=False)
         )
+        self.cuda_graphs = None
+        if graph_shape is not None:
+            self.cuda_graphs = CudaGraphDecoder(model, self.kv_cache, self.backend, graph_shape)
+            self.cuda_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        logits = self._replay(step)
+        if logits is not None:
+            return self._sample(logits, step.requests)
         input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
         rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
@@ -90,6 +102,19 @@ class ModelRunner:
                 self.state_cache.apply(step.state_ops)
             logits = self.model.compute_logits(self.model(input_ids, ctx)[rows])
         return self._sample(logits, sampling) if sampling else StepOutput()
+
+    def _replay(self, step: StepInput) -> torch.Tensor | None:
+        """Logits of a decode-only step from the CUDA graphs; None for steps they don't take."""
+        requests = step.requests
+        if self.cuda_graphs is None or not requests:
+            return None
+        if any(r.num_tokens != 1 or r.sampling is None for r in requests):
+            return None
+        return self.cuda_graphs.run(
+            [r.token_ids[0] for r in requests],
+            [r.context_len for r in requests],
+            [r.page_ids for r in requests],
+        )
 
     def forward_context(
         self,

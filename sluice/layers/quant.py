@@ -17,6 +17,8 @@ Two kernels, two layouts:
 - "int4pack" (`Int4PackedWeight`): PyTorch's `aten._weight_int4pack_mm_for_cpu` everywhere else
   (AVX2, ARM). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
   to bf16, an error of the size of the bf16 rounding of activations and outputs.
+- "int4pack_cuda" (`Int4CudaPackedWeight`): the same arithmetic on NVIDIA GPUs
+  (`aten._weight_int4pack_mm`, tensor cores, bf16 activations), codes in its own tiled layout.
 
 sluice's kernel quantizes activations to int8 per group, in two passes for fp32 (to ~1e-5 of an
 fp32 matmul) and in one for bf16 activations and ranking-only weights; int4pack rounds
@@ -38,7 +40,7 @@ from torch import Tensor
 from sluice.kernels import int4_cpu
 
 QType = gguf.GGMLQuantizationType
-Layout = Literal["tiled", "int4pack"]
+Layout = Literal["tiled", "int4pack", "int4pack_cuda"]
 
 # Every GGUF format above has one scale and offset per 32 weights.
 GGUF_GROUP_SIZE = 32
@@ -224,11 +226,10 @@ class Int4PackedWeight(_PlanarInt4Weight):
 
     def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
         self.packed = _pack_codes(codes)
-        zeros = offsets + 8 * scales
-        self.scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+        self.scales_and_zeros = _scales_and_zeros(scales, offsets)
 
     def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
-        scales_and_zeros = self.scales_and_zeros.float()
+        scales_and_zeros = self.scales_and_zeros.float().cpu()
         scales = scales_and_zeros[..., 0].T
         return self._centered_codes() + 8, scales, scales_and_zeros[..., 1].T - 8 * scales
 
@@ -238,9 +239,11 @@ class Int4PackedWeight(_PlanarInt4Weight):
     def _multiply(self, rows: Tensor) -> Tensor:
         if rows.dtype != torch.bfloat16:
             rows = rows.to(torch.bfloat16)
-        return torch._weight_int4pack_mm_for_cpu(
-            rows, self.packed, self.group_size, self.scales_and_zeros
-        )
+        return self._int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
+
+    @staticmethod
+    def _int4pack_mm(rows: Tensor, packed: Tensor, group_size: int, scales: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales)
 
     def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
         self.packed = torch.cat([p.packed for p in parts])
@@ -256,13 +259,51 @@ class Int4PackedWeight(_PlanarInt4Weight):
         width = self.planes * self.in_features
         unit = torch.zeros_like(self.scales_and_zeros)
         unit[..., 0] = 1
-        identity = torch.eye(width, dtype=torch.bfloat16)
-        codes = torch._weight_int4pack_mm_for_cpu(identity, self.packed, self.group_size, unit)
-        return codes.T.float()
+        identity = torch.eye(width, dtype=torch.bfloat16, device=self.packed.device)
+        codes = self._int4pack_mm(identity, self.packed, self.group_size, unit)
+        return codes.T.float().cpu()
+
+
+class Int4CudaPackedWeight(Int4PackedWeight):
+    """PyTorch's CUDA int4pack layout (tensor-core tiles), multiplied by
+    `aten._weight_int4pack_mm`; scales and zeros as on the CPU. Kept on the current CUDA device."""
+
+    def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
+        self.scales_and_zeros = _scales_and_zeros(scales, offsets).cuda()
+        tiles = cuda_inner_k_tiles(codes.shape[1])
+        self.packed = torch._convert_weight_to_int4pack(nibble_pairs(codes).cuda(), tiles)
+
+    @staticmethod
+    def _int4pack_mm(rows: Tensor, packed: Tensor, group_size: int, scales: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm(rows, packed, group_size, scales)
+
+
+def _scales_and_zeros(scales: Tensor, offsets: Tensor) -> Tensor:
+    """[groups, out, 2] bf16 (scale, zero = offset + 8 * scale): int4pack's (c - 8) * s + z."""
+    zeros = offsets + 8 * scales
+    return torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+
+
+def nibble_pairs(codes: Tensor) -> Tensor:
+    """[n, k] codes 0..15 -> [n, k / 2] uint8, each byte's high nibble the even input: what
+    `aten._convert_weight_to_int4pack` takes on CUDA."""
+    codes = codes.to(torch.uint8)
+    return (codes[:, ::2] << 4) | codes[:, 1::2]
+
+
+def cuda_inner_k_tiles(inputs: int) -> int:
+    """The most 16-input tiles per packed row the CUDA kernel takes (8, 4 or 2) that divide the
+    inputs evenly (it needs inputs to be a multiple of 16 * tiles)."""
+    for tiles in (8, 4, 2):
+        if inputs % (16 * tiles) == 0:
+            return tiles
+    raise ValueError(f"the CUDA int4 kernel needs inputs a multiple of 32, got {inputs}")
 
 
 def _weight_class(layout: Layout | None) -> type[_PlanarInt4Weight]:
     """The layout asked for, else sluice's kernel where this CPU runs it."""
+    if layout == "int4pack_cuda":
+        return Int4CudaPackedWeight
     if layout is None:
         layout = "tiled" if int4_cpu.available() else "int4pack"
     if layout == "int4pack":
@@ -394,8 +435,11 @@ def from_gguf_blocks(
     Returns None where there is no exact kernel for `qtype` on `device`; the caller then
     dequantizes with gguf.quants.dequantize.
     """
-    if qtype not in _GGUF_FORMATS or torch.device(device).type != "cpu":
+    device_type = torch.device(device).type
+    if qtype not in _GGUF_FORMATS or device_type not in ("cpu", "cuda"):
         return None
+    if device_type == "cuda":
+        layout = "int4pack_cuda"
     _check_blocks(qtype, blocks, shape)
     out_features, in_features = shape
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]

@@ -38,7 +38,7 @@ def eager_context(
     )
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = pytest.mark.cuda  # skipped off CUDA (conftest), run by scripts/gpu_check.sh
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
@@ -169,22 +169,23 @@ def test_engine_output_is_the_same_compiled_or_eager(make_llm):
 
 
 @CUDA
-def test_tiny_llama_on_cuda_matches_transformers_compiled_or_eager(tmp_path):
-    """The same engine on a GPU (inductor's Triton kernels there): greedy tokens of a tiny
-    random Llama, batched in 16-token steps, equal transformers' full-forward greedy, compiled
-    and eager."""
+def test_tiny_llama_on_cuda_matches_transformers_with_graphs_or_eager(tmp_path):
+    """The same engine on a GPU (FlexAttention, decode steps from CUDA graphs or eager; the
+    CPU's compiled step is not used there): greedy tokens of a tiny random Llama, batched in
+    16-token steps, equal transformers' full-forward greedy."""
     reference = make_tiny_checkpoint("llama", tmp_path).to("cuda")
     prompts = [[5, 6, 7, 8], list(range(10, 40)), [3] * 17]
     expected = [reference_greedy(reference, p, 24) for p in prompts]
-    for compile in (False, True):
+    for graphs in (False, True):
         llm = LLM(
             model=str(tmp_path),
             device="cuda",
             dtype="float32",
-            compile=compile,
+            cuda_graphs=graphs,
             kv_cache_memory_gb=0.25,
             max_num_batched_tokens=16,
         )
-        assert (llm.engine.executor.compiled_step is not None) == compile
+        assert llm.engine.executor.compiled_step is None
+        assert (llm.engine.executor.cuda_graphs is not None) == graphs
         results = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
         assert [r.outputs[0].token_ids for r in results] == expected
