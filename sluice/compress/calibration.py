@@ -14,8 +14,9 @@ from sluice.layers.linear import Linear
 
 
 def calibration_sequences(token_ids: list[int], tokens: int, length: int) -> list[list[int]]:
-    """The first `tokens` ids cut into sequences of `length` (the last may be shorter)."""
-    ids = token_ids[:tokens]
+    """The last `tokens` ids cut into sequences of `length` (the last may be shorter): the text's
+    end, so that `sluice eval`, which scores a text's beginning, can use the same text unseen."""
+    ids = token_ids[-tokens:]
     if not ids:
         raise ValueError("the calibration text has no tokens")
     return [ids[start : start + length] for start in range(0, len(ids), length)]

@@ -35,3 +35,28 @@ def prompts_hidden(model: CausalLM, sequences: list[list[int]]) -> list[Tensor]:
     device = model.norm.weight.device
     ids = torch.tensor([t for seq in sequences for t in seq], device=device)
     return list(model(ids, ctx).split([len(seq) for seq in sequences]))
+
+
+@torch.inference_mode()
+def continuations_hidden(
+    model: CausalLM, prefix: list[int], continuations: list[list[int]]
+) -> tuple[Tensor, list[Tensor]]:
+    """The hidden states of `prefix`, computed once, and of each continuation after it: the
+    continuations run side by side over the prefix's pages (one token a page, so none shares a
+    page it writes)."""
+    device = model.norm.weight.device
+    total = len(prefix) + sum(len(c) for c in continuations)
+    kv_cache = KVCache.allocate(model.config, total, 1, model.embed_tokens.dtype, device)
+    shared = list(range(len(prefix)))
+    ctx = ForwardContext.build(SdpaBackend(), kv_cache, [len(prefix)], [0], [shared], device)
+    prefix_hidden = model(torch.tensor(prefix, device=device), ctx)
+    tables, next_page = [], len(prefix)
+    for continuation in continuations:
+        tables.append(shared + list(range(next_page, next_page + len(continuation))))
+        next_page += len(continuation)
+    lens = [len(c) for c in continuations]
+    ctx = ForwardContext.build(
+        SdpaBackend(), kv_cache, lens, [len(prefix)] * len(lens), tables, device
+    )
+    ids = torch.tensor([t for c in continuations for t in c], device=device)
+    return prefix_hidden, list(model(ids, ctx).split(lens))

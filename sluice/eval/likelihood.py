@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sluice.eval.forward import prompts_hidden
+from sluice.eval.forward import continuations_hidden
 from sluice.loaders.tokenizer import Tokenizer
 from sluice.models.registry import LoadedModel
 
@@ -47,29 +47,32 @@ def read_choice_task(path: Path) -> list[ChoiceItem]:
     return items
 
 
-def split_tokens(
-    tokenizer: Tokenizer, context: str, continuation: str
-) -> tuple[list[int], list[int]]:
-    """Context and continuation ids as lm-eval splits them: the whole text encoded once and cut
-    after the context's own encoding (so a merge across the boundary goes to the continuation)."""
-    context_ids = tokenizer.encode(context)
+def continuation_tokens(
+    tokenizer: Tokenizer, context: str, context_ids: list[int], continuation: str
+) -> list[int]:
+    """The continuation's ids as lm-eval splits them: context and continuation encoded together
+    and cut after the context's own ids (so a merge across the boundary goes to the
+    continuation); encoded alone where the joint encoding changes the context's ids."""
     whole = tokenizer.encode(context + continuation)
     if whole[: len(context_ids)] != context_ids:
-        return context_ids, tokenizer.encode(continuation, add_special_tokens=False)
-    return context_ids, whole[len(context_ids) :]
+        return tokenizer.encode(continuation, add_special_tokens=False)
+    return whole[len(context_ids) :]
 
 
 @torch.inference_mode()
-def loglikelihoods(loaded: LoadedModel, requests: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Sum of log p(continuation token | everything before it) per (context, continuation) pair;
-    the pairs run side by side in one forward pass."""
+def loglikelihoods(
+    loaded: LoadedModel, context: list[int], continuations: list[list[int]]
+) -> list[float]:
+    """Sum of log p(token | everything before it) over each continuation's tokens after
+    `context`, which is computed once for all of them."""
+    if not context or not all(continuations):
+        raise ValueError("a likelihood request needs a non-empty context and continuation")
     model = loaded.model
-    sequences = [context + continuation for context, continuation in requests]
+    context_hidden, hidden = continuations_hidden(model, context, continuations)
     scores = []
-    for (context, continuation), hidden in zip(
-        requests, prompts_hidden(model, [seq[:-1] for seq in sequences]), strict=True
-    ):
-        rows = hidden[len(context) - 1 :]
+    for continuation, rows in zip(continuations, hidden, strict=True):
+        # Each token is predicted at the position before it: the context's last, then its own.
+        rows = torch.cat([context_hidden[-1:], rows[:-1]])
         logprobs = torch.log_softmax(model.compute_logits(rows), dim=-1)
         targets = torch.tensor(continuation, device=logprobs.device)
         scores.append(logprobs.gather(1, targets[:, None]).sum().item())
@@ -80,12 +83,20 @@ def evaluate_choices(loaded: LoadedModel, items: list[ChoiceItem], progress: boo
     """acc and acc_norm (likelihood per byte of the choice) over `items`."""
     correct = correct_norm = 0
     for item in tqdm(items, unit="item", desc="likelihood", disable=not progress):
-        requests = [split_tokens(loaded.tokenizer, item.context, c) for c in item.choices]
-        scores = loglikelihoods(loaded, requests)
+        scores = _choice_scores(loaded, item)
         per_byte = [s / max(1, len(c.encode())) for s, c in zip(scores, item.choices, strict=True)]
         correct += _argmax(scores) == item.answer
         correct_norm += _argmax(per_byte) == item.answer
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "items": len(items)}
+
+
+def _choice_scores(loaded: LoadedModel, item: ChoiceItem) -> list[float]:
+    context = loaded.tokenizer.encode(item.context)
+    continuations = [
+        continuation_tokens(loaded.tokenizer, item.context, context, choice)
+        for choice in item.choices
+    ]
+    return loglikelihoods(loaded, context, continuations)
 
 
 def _argmax(values: list[float]) -> int:
