@@ -24,19 +24,25 @@ def available() -> bool:
     )
 
 
-def linear(x: Tensor, codes: Tensor, index: Tensor, scale_offset: Tensor, group: int) -> Tensor:
-    """x [M, K] -> x W^T [M, N] in x's dtype (computed in float32)."""
-    return torch.ops.sluice.sparse24_int4_linear(x, codes, index, scale_offset, group)
+def linear(
+    x: Tensor, codes: Tensor, index: Tensor, scale_offset: Tensor, group: int, rows: int
+) -> Tensor:
+    """x [M, K] -> x W^T [M, rows] in x's dtype (computed in float32)."""
+    return torch.ops.sluice.sparse24_int4_linear(x, codes, index, scale_offset, group, rows)
 
 
-def dequantize(codes: Tensor, index: Tensor, scale_offset: Tensor, group: int) -> Tensor:
-    """The weight as the kernel sees it: float32 [N, K], zeros where it keeps nothing."""
-    return torch.ops.sluice.sparse24_int4_dequantize(codes, index, scale_offset, group)
+def dequantize(codes: Tensor, index: Tensor, scale_offset: Tensor, group: int, rows: int) -> Tensor:
+    """The weight as the kernel sees it: float32 [rows, K], zeros where it keeps nothing."""
+    return torch.ops.sluice.sparse24_int4_dequantize(codes, index, scale_offset, group, rows)
 
 
-def _linear_like(x: Tensor, codes: Tensor, index: Tensor, scale_offset: Tensor, group: int):
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _linear_like(
+    x: Tensor, codes: Tensor, index: Tensor, scale_offset: Tensor, group: int, rows: int
+) -> Tensor:
+    return x.new_empty(x.shape[0], rows)
 
 
-def _dense_like(codes: Tensor, index: Tensor, scale_offset: Tensor, group: int) -> Tensor:
-    return codes.new_empty(codes.shape[0], codes.shape[1] * 4, dtype=torch.float32)
+def _dense_like(
+    codes: Tensor, index: Tensor, scale_offset: Tensor, group: int, rows: int
+) -> Tensor:
+    return codes.new_empty(rows, codes.shape[1] * 2, dtype=torch.float32)

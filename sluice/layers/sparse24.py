@@ -1,6 +1,6 @@
 """2:4 sparse weights kept as 4-bit codes: two of every four inputs of a row, each with a 4-bit
-code and a 2-bit position, and one float16 (scale, offset) per group of inputs
-(kernels/sparse24_int4_cpu.cpp runs them).
+code and a 2-bit position, and one float16 (scale, offset) per group of inputs; rows stored in
+pairs, eight inputs at a time (kernels/sparse24_int4_cpu.cpp runs them).
 
 A checkpoint carries no mask: a linear layer whose every group of four inputs holds at most two
 non-zeros is exactly 2:4, and is detected as such at load. `quantize_kept` is the one 4-bit
@@ -18,15 +18,16 @@ from sluice.layers.quant import QuantizedWeight
 
 GROUP = 4
 KEPT = 2
-# Inputs per stored block of the kernel (eight kept values).
-BLOCK_INPUTS = 16
+# Inputs per stored block of the kernel (eight kept values: four of each row of a pair).
+BLOCK_INPUTS = 8
+PAIR = 2
 DEFAULT_GROUP_SIZE = 32
 
 
 def is_two_of_four(weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> bool:
     """Whether every group of four inputs of every row holds at most two non-zeros, in a shape
     the kernel takes."""
-    if weight.dim() != 2 or weight.shape[1] % group_size or group_size % BLOCK_INPUTS:
+    if weight.dim() != 2 or weight.shape[1] % group_size or group_size % 16:
         return False
     nonzeros = (weight.reshape(weight.shape[0], -1, GROUP) != 0).sum(dim=-1)
     return bool((nonzeros <= KEPT).all())
@@ -80,8 +81,9 @@ def _scatter_kept(values: Tensor, positions: Tensor, shape: torch.Size) -> Tenso
 
 
 class Sparse24Int4Weight(QuantizedWeight):
-    """A 2:4 weight in the kernel's layout: codes [out, in / 4] and positions [out, in / 8]
-    uint8, (scale, offset) [out, in / group_size, 2] float16. CPU only (AVX2)."""
+    """A 2:4 weight in the kernel's layout, rows in pairs (a zero row completes an odd count):
+    codes [pairs, in / 2] and positions [pairs, in / 4] uint8, (scale, offset) of each row
+    [pairs, in / group_size, 2, 2] float16. CPU only (AVX2)."""
 
     def __init__(self, weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> None:
         super().__init__()
@@ -94,22 +96,25 @@ class Sparse24Int4Weight(QuantizedWeight):
             )
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
+        weight = torch.nn.functional.pad(weight.float(), (0, 0, 0, self.out_features % PAIR))
         positions = kept_positions(weight)
         codes, scale, offset = quantize_kept(_gather_kept(weight, positions), group_size)
-        self.codes = _packed(codes.to(torch.int32), bits=4)
-        self.index = _packed(positions.reshape(self.out_features, -1).to(torch.int32), bits=2)
-        self.scale_offset = torch.stack([scale, offset], dim=-1).half().contiguous()
+        self.codes = _packed(_pair_blocks(codes), bits=4)
+        self.index = _packed(_pair_blocks(positions.reshape(weight.shape[0], -1)), bits=2)
+        scale_offset = torch.stack([scale, offset], dim=-1).half()  # [rows, groups, 2]
+        self.scale_offset = scale_offset.view(-1, PAIR, *scale_offset.shape[1:]).transpose(1, 2)
+        self.scale_offset = self.scale_offset.contiguous()
 
     def matmul(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         out = sparse24_int4_cpu.linear(
-            rows, self.codes, self.index, self.scale_offset, self.group_size
+            rows, self.codes, self.index, self.scale_offset, self.group_size, self.out_features
         )
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> Tensor:
         return sparse24_int4_cpu.dequantize(
-            self.codes, self.index, self.scale_offset, self.group_size
+            self.codes, self.index, self.scale_offset, self.group_size, self.out_features
         )
 
     def nbytes(self) -> int:
@@ -122,6 +127,14 @@ class Sparse24Int4Weight(QuantizedWeight):
             f"out_features={self.out_features}, in_features={self.in_features}, "
             f"group_size={self.group_size}, sparsity=2:4"
         )
+
+
+def _pair_blocks(kept: Tensor) -> Tensor:
+    """Per-row kept fields [rows, in / 2] -> [pairs, in / 2 * 2]: per block of eight inputs, the
+    first row's four fields, then the second's."""
+    per_block = BLOCK_INPUTS // GROUP * KEPT
+    blocks = kept.reshape(-1, PAIR, kept.shape[1] // per_block, per_block)
+    return blocks.transpose(1, 2).reshape(blocks.shape[0], -1)
 
 
 def _packed(fields: Tensor, bits: int) -> Tensor:
