@@ -1,4 +1,4 @@
-"""`sluice generate | chat | serve | bench ...`: the command line."""
+"""`sluice generate | chat | serve | bench | eval | compress ...`: the command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import SamplingParams
 from sluice.server.limits import DEFAULT_MAX_SEQUENCES_PER_REQUEST
 
+QUANTIZATION_HELP = (
+    "auto: keep GGUF weights quantized where a kernel exists (and a `sluice compress --quantize "
+    "int4` checkpoint 4-bit); none: all dense; int8/int4: quantize dense weights on load "
+    "(exactly 2:4 sparse ones to the 2:4 int4 kernel)"
+)
+
 
 def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = True) -> None:
     """`compile_default`: off for one-shot commands, where compiling costs more than it saves."""
@@ -23,8 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         "--quantization",
         default="auto",
         choices=["auto", "none", "int8", "int4"],
-        help="auto: keep GGUF weights quantized where a kernel exists; none: all dense; "
-        "int8/int4: quantize dense weights on load",
+        help=QUANTIZATION_HELP,
     )
     group.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
     group.add_argument("--max-model-len", type=int, default=None)
@@ -337,9 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from sluice.bench.cli import add_bench_parser  # here: it imports this module
+    from sluice.bench.cli import add_bench_parser  # here: these import this module
+    from sluice.compress.cli import add_compress_parser
+    from sluice.eval.cli import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
+    add_compress_parser(sub)
     return parser
 
 

@@ -25,4 +25,5 @@ def record_header(bench: str, backend: str, args: argparse.Namespace) -> Record:
         "model": args.model,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        "quantization": getattr(args, "quantization", None),
     }

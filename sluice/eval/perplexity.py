@@ -1,34 +1,48 @@
-"""Perplexity of a text under a loaded model: the quality gate for quantized and fast paths."""
+"""Perplexity of a text under a loaded model: the quality gate for quantized, sparse and fast
+paths. Sliding windows (as transformers' perplexity guide): each window of up to `window` tokens
+starts `stride` after the last and scores only the tokens no earlier window scored, so with a
+stride below the window every scored token sees at least `window - stride` tokens of context."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from sluice.attention.sdpa import SdpaBackend
-from sluice.cache.kv_cache import KVCache
-from sluice.layers.forward_context import ForwardContext
+from sluice.eval.forward import prompts_hidden
 from sluice.models.registry import LoadedModel
 
 
 @torch.inference_mode()
-def perplexity(loaded: LoadedModel, token_ids: list[int], window: int = 512) -> float:
-    """exp(mean negative log-likelihood) of every token after the first, in windows of `window`."""
+def perplexity(
+    loaded: LoadedModel,
+    token_ids: list[int],
+    window: int = 512,
+    stride: int | None = None,
+    progress: bool = False,
+) -> float:
+    """exp(mean negative log-likelihood) of every token after the first; `stride` defaults to
+    `window` (windows side by side)."""
+    stride = window if stride is None else stride
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must lie in [1, window = {window}], got {stride}")
+    if len(token_ids) < 2:
+        raise ValueError("perplexity needs at least two tokens")
     model = loaded.model
-    device = next(model.parameters()).device
-    dtype = model.embed_tokens.dtype
-    page_size = 16
-    num_pages = -(-window // page_size)
-    kv_cache = KVCache.allocate(model.config, num_pages, page_size, dtype, device)
-    nll, count = 0.0, 0
-    for start in range(0, len(token_ids) - 1, window):
-        chunk = token_ids[start : start + window + 1]
-        ctx = ForwardContext.build(
-            SdpaBackend(), kv_cache, [len(chunk) - 1], [0], [list(range(num_pages))], device
-        )
-        logits = model.compute_logits(model(torch.tensor(chunk[:-1], device=device), ctx))
-        targets = torch.tensor(chunk[1:], device=device)
-        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        count += len(chunk) - 1
-    return math.exp(nll / count)
+    last = len(token_ids) - 1  # the last position with a target
+    nll, scored = 0.0, 0  # targets at positions 1..scored are done
+    bar = tqdm(total=last, unit="tok", desc="perplexity", disable=not progress)
+    for start in range(0, last, stride):
+        end = min(start + window, last)
+        new = end - scored
+        hidden = prompts_hidden(model, [token_ids[start:end]])[0][-new:]
+        targets = torch.tensor(token_ids[scored + 1 : end + 1], device=hidden.device)
+        nll += F.cross_entropy(model.compute_logits(hidden), targets, reduction="sum").item()
+        scored = end
+        bar.update(new)
+        if end == last:
+            break
+    bar.close()
+    return math.exp(nll / last)

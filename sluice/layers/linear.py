@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.kernels import sparse24_int4_cpu
 from sluice.layers.quant import (
     QUANTIZE_SLICE_ROWS,
     QType,
@@ -17,12 +18,14 @@ from sluice.layers.quant import (
     quantize,
     quantize_row_slices,
 )
+from sluice.layers.sparse24 import Sparse24Int4Weight, is_two_of_four
 from sluice.loaders.weights import GGUFQuantTensor, WeightSource, row_slices, to_dense
 
 logger = logging.getLogger(__name__)
 
 # auto: GGUF weights stay quantized where an exact kernel exists, others are dense.
-# none: everything dense (the reference path). int8/int4: dense weights quantized on load.
+# none: everything dense (the reference path). int8/int4: dense weights quantized on load (int4:
+# exactly 2:4 sparse ones to the 2:4 int4 kernel, where it runs).
 Quantization = Literal["auto", "none", "int8", "int4"]
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 
@@ -85,6 +88,8 @@ class Linear(nn.Module):
                     "no %s kernel on %s: dequantizing those weights", source.qtype.name, device
                 )
             return qweight
+        if quantization == "int4" and device.type == "cpu" and _runs_as_two_of_four(source):
+            return Sparse24Int4Weight(source)
         if quantization in ("int8", "int4") and device.type == "cpu":
             return quantize(source.to(device), quantization)
         return None
@@ -94,3 +99,7 @@ class Linear(nn.Module):
             raise ValueError(
                 f"weight of shape {shape} does not fit Linear({self.in_features}, {self.out_features})"
             )
+
+
+def _runs_as_two_of_four(weight: torch.Tensor) -> bool:
+    return is_two_of_four(weight) and sparse24_int4_cpu.available()

@@ -118,6 +118,13 @@ def _json_float(value: float | dict) -> float:
     return float(value["__float__"]) if isinstance(value, dict) else float(value)
 
 
+def quantized_to_int4(folder: Path) -> bool:
+    """Whether `sluice compress --quantize int4` wrote this folder: its weights are already 4-bit
+    values, which quantize to themselves, so `auto` loads them quantized."""
+    raw = json.loads((folder / "config.json").read_text())
+    return (raw.get("sluice_compression") or {}).get("quantize") == "int4"
+
+
 def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:

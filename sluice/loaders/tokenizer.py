@@ -231,6 +231,19 @@ class Tokenizer:
             chat_template=_hf_chat_template(folder, config),
         )
 
+    def save_hf_folder(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json, which `from_hf_folder` reads back into
+        the same tokenizer (eos ids beyond eos_token go in the model's config.json)."""
+        folder = Path(folder)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {
+            role: self._backend.id_to_token(token_id)
+            for role, token_id in self._special_token_ids.items()
+        }
+        if self._chat_template is not None:
+            config["chat_template"] = self._chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)

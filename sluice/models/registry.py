@@ -60,6 +60,8 @@ def _load(
     if path.suffix == ".gguf":
         config, weights, inv_freq, tokenizer = _read_gguf(path)
     else:
+        if quantization == "auto" and safetensors.quantized_to_int4(path):
+            quantization = "int4"  # `sluice compress --quantize int4` wrote it for that kernel
         config = safetensors.read_hf_config(path)
         weights = safetensors.read_hf_tensors(path)
         inv_freq = None
