@@ -18,6 +18,7 @@ from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.structured.grammar import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Engine:
         )
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
         self.scheduler = Scheduler(config.scheduler, self.kv, loaded.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.executor: Executor = ModelRunner(
             loaded.model,
             self.device,
@@ -63,6 +65,7 @@ class Engine:
             loaded.tokenizer.eos_token_ids,
             self.state_pool,
             config.compile,
+            self.grammars,
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -122,6 +125,12 @@ class Engine:
             raise InvalidParameterError(
                 "stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab_size})"
             )
+        if any(t >= vocab_size for t in params.logit_bias):
+            raise InvalidParameterError(
+                "logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size})"
+            )
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # a constraint that cannot compile: refused
         return PreparedRequest(prompt_ids, params, cache_salt)
 
     def prepare(

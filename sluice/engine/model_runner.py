@@ -22,6 +22,7 @@ from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 from sluice.sampling_params import SamplingParams
+from sluice.structured.grammar import GrammarCompiler, GrammarState, allocate_bitmask
 
 
 def allocate_state(
@@ -53,7 +54,9 @@ class ModelRunner:
         eos_token_ids: frozenset[int] = frozenset(),
         state_pool: StatePool | None = None,
         compile: bool = False,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
+        """`grammars` compiles the constraints of requests with `params.structured`."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
@@ -61,6 +64,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.state_pool = state_pool
         self._generators: dict[str, torch.Generator] = {}  # seeded requests' own, by id
+        self.grammars = grammars
+        self._grammar_states: dict[str, GrammarState] = {}  # constrained requests' own, by id
         self.kv_cache = KVCache.allocate(model.config, num_pages, page_size, kv_dtype, device)
         self.state_cache = (
             allocate_state(model, state_pool.num_slots, dtype, device)
@@ -83,6 +88,7 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         for request_id in step.finished_ids:
             self._generators.pop(request_id, None)
+            self._grammar_states.pop(request_id, None)
         input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
         rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
@@ -136,6 +142,7 @@ class ModelRunner:
             prompt_ids=[s.prompt_token_ids for _, s, _ in rows],
             output_ids=[out for _, _, out in rows],
             device=self.device,
+            allowed=self._grammar_masks(rows, logits.shape[-1]),
         )
         out = self.sampler(logits, sampling)
         token_ids = out.token_ids.tolist()
@@ -144,6 +151,32 @@ class ModelRunner:
         for (request, _, _), token_id, logprob in zip(rows, token_ids, logprobs):
             sampled.setdefault(request.request_id, []).append(SampledToken(token_id, logprob))
         return StepOutput(sampled)
+
+    def _grammar_masks(
+        self, rows: list[tuple[ScheduledRequest, SamplingRow, list[int]]], vocab_size: int
+    ) -> torch.Tensor | None:
+        """Bits of the tokens each row's grammar allows next; None when no row has a grammar.
+        A row after a draft its grammar refuses stays unconstrained: the model rejects that
+        draft, so what the row samples is dropped."""
+        if not any(s.params.structured is not None for _, s, _ in rows):
+            return None
+        bitmask = allocate_bitmask(len(rows), vocab_size)
+        for index, (request, sampling, history) in enumerate(rows):
+            if (state := self._grammar_state(request.request_id, sampling.params)) is not None:
+                if state.follow(history):
+                    state.fill_mask(bitmask, index)
+        for request, sampling, _ in rows:  # drafts are checked: back to the committed tokens
+            if (state := self._grammar_states.get(request.request_id)) is not None:
+                state.rollback_to(len(sampling.output_token_ids))
+        return bitmask
+
+    def _grammar_state(self, request_id: str, params: SamplingParams) -> GrammarState | None:
+        if params.structured is None:
+            return None
+        if request_id not in self._grammar_states:
+            assert self.grammars is not None, "a constrained request reached a runner without grammars"
+            self._grammar_states[request_id] = self.grammars.matcher(params.structured)
+        return self._grammar_states[request_id]
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         """A seeded request draws only from its own generator, kept here across its steps."""
