@@ -6,6 +6,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -164,14 +165,19 @@ class LLM:
 
 
 def chat_prompt_ids(
-    tokenizer: Tokenizer, messages: list[Message], allow_special_tokens_in_content: bool = False
+    tokenizer: Tokenizer,
+    messages: list[Message],
+    allow_special_tokens_in_content: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The prompt that asks the model to answer the last of `messages`; special-token text in
-    their content is encoded as text unless `allow_special_tokens_in_content`."""
+    """The prompt that asks the model to answer the last of `messages`, offering it `tools`;
+    special-token text in their content is encoded as text unless
+    `allow_special_tokens_in_content`."""
     return tokenizer.encode_chat(
         messages,
         add_generation_prompt=True,
         allow_special_tokens_in_content=allow_special_tokens_in_content,
+        **({"tools": tools} if tools else {}),
     )
 
 

@@ -18,11 +18,16 @@ _LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 class InvalidParameterError(ValueError):
-    """A request parameter is out of range; `param` names it (OpenAI's error `param`)."""
+    """A request parameter is out of range; `param` names it (OpenAI's error `param`), `code`
+    says what kind of error it is where clients look for one (`context_length_exceeded`)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a too long request
 
 
 @dataclass

@@ -17,7 +17,7 @@ from sluice.engine.scheduler import RequestUpdate, Scheduler
 from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
-from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
 from sluice.structured.grammar import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Engine:
                 "prompt",
                 f"prompt has {len(token_ids)} tokens but the context window is "
                 f"{self.max_model_len} tokens (at least one must be left to generate)",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         vocab_size = self.model_config.vocab_size
         if not all(_is_int(t) and 0 <= t < vocab_size for t in token_ids):

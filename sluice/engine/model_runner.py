@@ -162,9 +162,9 @@ class ModelRunner:
             return None
         bitmask = allocate_bitmask(len(rows), vocab_size)
         for index, (request, sampling, history) in enumerate(rows):
-            if (state := self._grammar_state(request.request_id, sampling.params)) is not None:
-                if state.follow(history):
-                    state.fill_mask(bitmask, index)
+            state = self._grammar_state(request.request_id, sampling.params)
+            if state is not None and state.follow(history):
+                state.fill_mask(bitmask, index)
         for request, sampling, _ in rows:  # drafts are checked: back to the committed tokens
             if (state := self._grammar_states.get(request.request_id)) is not None:
                 state.rollback_to(len(sampling.output_token_ids))
@@ -174,7 +174,9 @@ class ModelRunner:
         if params.structured is None:
             return None
         if request_id not in self._grammar_states:
-            assert self.grammars is not None, "a constrained request reached a runner without grammars"
+            assert self.grammars is not None, (
+                "a constrained request reached a runner without grammars"
+            )
             self._grammar_states[request_id] = self.grammars.matcher(params.structured)
         return self._grammar_states[request_id]
 

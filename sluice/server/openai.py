@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -25,8 +25,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sluice import __version__
 from sluice.api import chat_prompt_ids
 from sluice.engine.async_engine import AsyncEngine
+from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE
 from sluice.loaders.model_path import DEFAULT_MODEL
-from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
 from sluice.server.body_limit import BodyLimitMiddleware
 from sluice.server.errors import APIError, install_error_handlers
 from sluice.server.generation import Generation, GenerationQueue
@@ -49,6 +50,7 @@ from sluice.server.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from sluice.server.request_id import RequestIdMiddleware
 from sluice.server.responses import (
     ChatFormat,
     ChoiceFormat,
@@ -57,6 +59,7 @@ from sluice.server.responses import (
     collect,
     stream_events,
 )
+from sluice.server.tools import messages_without_tool_support, template_takes_tools
 
 SHUTTING_DOWN = APIError(503, "the server is shutting down", code="server_shutting_down")
 
@@ -133,9 +136,14 @@ class OpenAIServer:
         self.check_length(text)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
-    async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat prompt's token ids, rendered and tokenized off the event loop."""
+    async def render_chat(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat prompt's token ids, rendered and tokenized off the event loop. A template
+        that knows no tools gets them (and past calls and results) written as text."""
         conversation = [message.for_template() for message in messages]
+        if not template_takes_tools(self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE):
+            conversation, tools = messages_without_tool_support(conversation, tools), None
         with _named("messages"):
             self.check_length(sum(message.num_chars for message in messages))
             try:
@@ -144,6 +152,7 @@ class OpenAIServer:
                     self.tokenizer,
                     conversation,
                     allow_special_tokens_in_content=self.settings.allow_special_tokens_in_content,
+                    tools=tools,
                 )
             except InvalidParameterError:  # already names its field
                 raise
@@ -159,6 +168,7 @@ class OpenAIServer:
                     "prompt",
                     f"prompt has {len(prompt)} tokens but the context window is "
                     f"{self.max_model_len} tokens (at least one must be left to generate)",
+                    code=CONTEXT_LENGTH_EXCEEDED,
                 )
             return
         num_chars = prompt if isinstance(prompt, int) else len(prompt)
@@ -169,6 +179,7 @@ class OpenAIServer:
                 f"{self.max_model_len} tokens can hold (at most {self.max_prompt_chars}: no "
                 f"token of this model stands for more than "
                 f"{self.max_prompt_chars // self.max_model_len} characters)",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
 
     async def shut_down_after(self, grace: float) -> None:
@@ -191,6 +202,7 @@ class OpenAIServer:
                 param,
                 f"{param} is {limit}, but the prompt has {longest} tokens and the context window "
                 f"is {self.max_model_len} tokens, which leaves room for {room}",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         return limit
 
@@ -237,6 +249,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: the body limit's 413 gets an id too
     protected = [Depends(_check_api_key)] if settings.auth_all_endpoints else []
     app.include_router(health_routes)
     app.include_router(open_routes, dependencies=protected)
@@ -288,7 +301,7 @@ def _named(param: str) -> Iterator[None]:
     except InvalidParameterError as exc:
         if exc.param != "prompt" or param == "prompt":
             raise
-        raise InvalidParameterError(param, str(exc)) from exc
+        raise InvalidParameterError(param, str(exc), exc.code) from exc
 
 
 @contextmanager
@@ -298,7 +311,8 @@ def _named_as(aliases: dict[str, str]) -> Iterator[None]:
         yield
     except InvalidParameterError as exc:
         param = aliases.get(exc.param, exc.param)
-        raise InvalidParameterError(param, str(exc).replace(exc.param, param, 1)) from exc
+        message = str(exc).replace(exc.param, param, 1)
+        raise InvalidParameterError(param, message, exc.code) from exc
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -376,10 +390,13 @@ async def redoc() -> HTMLResponse:
 
 @api_routes.get("/v1/models")
 async def list_models(server: Server) -> ModelList:
-    card = ModelCard(
-        id=server.settings.model_name, created=server.started, max_model_len=server.max_model_len
-    )
-    return ModelList(data=[card])
+    return ModelList(data=[await retrieve_model(server.settings.model_name, server)])
+
+
+@api_routes.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, server: Server) -> ModelCard:
+    server.check_model(model_id)
+    return ModelCard(id=model_id, created=server.started, max_model_len=server.max_model_len)
 
 
 @api_routes.post("/v1/completions", response_model=CompletionResponse, responses=_STREAMED)
@@ -408,11 +425,13 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
     server.generations.check_size(1, body.n)
-    (prompt,) = await server.encode([await server.render_chat(body.messages)], "messages")
+    tools = body.tool_choice_mode
+    rendered = await server.render_chat(body.messages, body.tools if tools.mode != "none" else None)
+    (prompt,) = await server.encode([rendered], "messages")
     max_tokens = server.max_tokens(body.requested_max_tokens, True, [prompt], body.max_tokens_param)
     with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
         params = body.sampling_params(max_tokens, body.num_logprobs)
-    fmt = ChatFormat(server.tokenizer, body.logprobs)
+    fmt = ChatFormat(server.tokenizer, body.logprobs, tools)
     return await server.respond(request, body, "chatcmpl", [prompt], params, fmt)
 
 

@@ -7,16 +7,20 @@ than silently return something other than what the client asked for.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.server.tools import ToolChoice, tool_choice
+from sluice.server.tools import constraint as tool_constraint
+from sluice.structured.spec import StructuredOutput
 
 # Where sampling settings reach torch as int64 without a range check of their own.
 _INT64 = {"ge": -(2**63), "lt": 2**63}
 
-FinishReasonName = Literal["stop", "length", "abort"]
+FinishReasonName = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def _prompt_form(value: Any) -> str | None:
@@ -69,6 +73,16 @@ class StreamOptions(APIModel):
     include_usage: bool = False
 
 
+class StructuredOutputs(APIModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class GenerationRequest(RequestModel):
     """What chat and completions requests share; top_k, min_p, repetition_penalty, ignore_eos and
     min_tokens are vLLM's."""
@@ -89,10 +103,38 @@ class GenerationRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each feature asked for that would change the result but that sluice lacks."""
-        return [("logit_bias", "sluice has no logit biasing")] if self.logit_bias else []
+        return []
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint asked for (InvalidParameterError if several are)."""
+        found = [
+            *_constraints(self.structured_outputs, "structured_outputs"),
+            *_constraints(self, "guided", "guided_"),
+        ]
+        if len(found) > 1:
+            names = ", ".join(spec.param for spec in found)
+            raise InvalidParameterError(found[1].param, f"give one output constraint, got {names}")
+        return found[0] if found else None
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys (token ids as JSON strings, as OpenAI takes them) as ints."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidParameterError(
+                    "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
+                )
+            biases[int(key)] = bias
+        return biases
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises InvalidParameterError, named as SamplingParams names it, for a value out of range."""
@@ -111,6 +153,8 @@ class GenerationRequest(RequestModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
+            logit_bias=self.token_biases(),
+            structured=self.structured_output(),
         )
 
     @property
@@ -149,21 +193,44 @@ class CompletionRequest(GenerationRequest):
 
 
 class ContentPart(APIModel):
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(
+                f"content parts of type {self.type!r} are not supported: sluice serves text "
+                "models, send parts of type 'text'"
+            )
+        return self
+
+
+class FunctionCall(APIModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(APIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(APIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's past calls
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
     @property
     def num_chars(self) -> int:
         """Characters of content: the prompt rendered from this message holds at least these."""
+        calls = sum(len(c.function.arguments) for c in self.tool_calls or [])
         if isinstance(self.content, list):
-            return sum(len(part.text) for part in self.content)
-        return len(self.content or "")
+            return calls + sum(len(part.text) for part in self.content)
+        return calls + len(self.content or "")
 
     def for_template(self) -> dict[str, Any]:
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
@@ -173,8 +240,29 @@ class ChatMessage(APIModel):
         return message
 
 
+class JSONSchemaFormat(APIModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(APIModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput("json_object", param="response_format")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidParameterError(
+                    "response_format.json_schema",
+                    "response_format of type json_schema needs a `json_schema`",
+                )
+            schema = json.dumps(self.json_schema.schema_)
+            return StructuredOutput("json_schema", schema, "response_format.json_schema")
+        return None
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -208,19 +296,59 @@ class ChatCompletionRequest(GenerationRequest):
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        no_tools = "sluice does not call tools yet"
-        if self.tools or self.functions:
-            found.append(("tools" if self.tools else "functions", no_tools))
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            found.append(("tool_choice" if self.tool_choice else "function_call", no_tools))
-        if self.response_format is not None and self.response_format.type != "text":
-            found.append(
-                (
-                    "response_format",
-                    "sluice has no grammar-constrained decoding yet, so it cannot promise JSON",
-                )
-            )
+        deprecated = "sluice takes OpenAI's newer `tools` and `tool_choice`"
+        if self.functions:
+            found.append(("functions", deprecated))
+        if self.function_call not in (None, "none"):
+            found.append(("function_call", deprecated))
         return found
+
+    @property
+    def tool_choice_mode(self) -> ToolChoice:
+        return tool_choice(self.tool_choice, self.tools)
+
+    def structured_output(self) -> StructuredOutput | None:
+        if (for_tools := tool_constraint(self.tool_choice_mode, self.tools)) is not None:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise InvalidParameterError(
+                    "response_format", "response_format cannot go with a required tool call"
+                )
+            return for_tools
+        extension = super().structured_output()
+        if (
+            self.response_format is None
+            or (wanted := self.response_format.structured_output()) is None
+        ):
+            return extension
+        if extension is not None:
+            raise InvalidParameterError(
+                extension.param, f"give either response_format or {extension.param}, not both"
+            )
+        return wanted
+
+
+def _constraints(source: object, param: str, prefix: str = "") -> list[StructuredOutput]:
+    """The constraints set on `source` (`structured_outputs`, or a request's `guided_*`)."""
+    if source is None:
+        return []
+    found = []
+    for field, kind in (
+        ("json", "json_schema"),
+        ("regex", "regex"),
+        ("choice", "choice"),
+        ("grammar", "grammar"),
+    ):
+        value = getattr(source, prefix + field, None)
+        if value is None:
+            continue
+        name = f"{param}_{field}" if prefix else f"{param}.{field}"
+        if kind == "choice" and not value:
+            raise InvalidParameterError(name, f"{name} must list at least one choice")
+        text = value if isinstance(value, str) and kind != "choice" else json.dumps(value)
+        found.append(StructuredOutput(kind, text, name))
+    if getattr(source, "json_object", None):
+        found.append(StructuredOutput("json_object", param=f"{param}.json_object"))
+    return found
 
 
 class TokenizeRequest(RequestModel):
@@ -293,7 +421,8 @@ class ChatLogprobs(APIModel):
 
 class AssistantMessage(APIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(APIModel):
@@ -312,6 +441,15 @@ class ChatCompletionResponse(APIModel):
     usage: Usage
 
 
+class DeltaToolCall(APIModel):
+    """A streamed call: sent whole, in one delta (the name and all of the arguments)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 def _omit_none(value: object) -> bool:
     return value is None
 
@@ -321,6 +459,7 @@ class Delta(APIModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(APIModel):

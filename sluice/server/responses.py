@@ -34,10 +34,14 @@ from sluice.server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     Delta,
+    DeltaToolCall,
+    FunctionCall,
     PromptTokensDetails,
+    ToolCall,
     TopLogprob,
     Usage,
 )
+from sluice.server.tools import NO_TOOLS, CallStream, ParsedCall, ToolChoice, parse_calls
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +134,31 @@ class CompletionFormat(ChoiceFormat):
             return None
         shaped = CompletionLogprobs()
         for lp in logprobs:
-            token = self.tokenizer.id_to_token(lp.token_id)
-            shaped.tokens.append(token)
+            shaped.tokens.append(self._token_name(lp.token_id))
             shaped.token_logprobs.append(lp.logprob)
-            shaped.top_logprobs.append({self.tokenizer.id_to_token(t): v for t, v in lp.top})
+            shaped.top_logprobs.append({self._token_name(t): v for t, v in lp.top})
             shaped.text_offset.append(self._text_offsets[choice])
-            self._text_offsets[choice] += len(token)
+            self._text_offsets[choice] += len(self.tokenizer.id_to_token(lp.token_id))
         return shaped
+
+    def _token_name(self, token_id: int) -> str:
+        """The token's text; as OpenAI names it, `bytes:\\xNN...` for one holding part of a
+        character, so that the names joined (bytes decoded) rebuild the text."""
+        token_bytes = self.tokenizer.token_bytes(token_id)
+        try:
+            return token_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in token_bytes)
 
 
 class ChatFormat(ChoiceFormat):
+    def __init__(
+        self, tokenizer: Tokenizer, with_logprobs: bool, tools: ToolChoice = NO_TOOLS
+    ) -> None:
+        super().__init__(tokenizer, with_logprobs)
+        self._tools = tools
+        self._calls: dict[int, CallStream] = {}  # per streamed choice
+
     def opening_chunk(self, meta: ResponseMeta) -> BaseModel:
         # OpenAI's first chunk of each choice carries the role, before any content.
         choices = [
@@ -152,11 +171,20 @@ class ChatFormat(ChoiceFormat):
 
     def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel:
         out = item.output
+        stream = self._calls.setdefault(item.choice, CallStream(self._tools))
+        first_call = stream.num_calls
+        content, calls = stream.feed(text, out.finished)
+        delta_calls = [
+            DeltaToolCall(index=first_call + i, id=c.id, function=_function(c))
+            for i, c in enumerate(calls)
+        ]
         choice = ChatChunkChoice(
             index=item.choice,
-            delta=Delta(content=text),
+            delta=Delta(
+                content=content or None if delta_calls else content, tool_calls=delta_calls or None
+            ),
             logprobs=self._logprobs(out.logprobs),
-            finish_reason=_finish_reason(out),
+            finish_reason=_with_calls(_finish_reason(out), stream.num_calls),
         )
         return ChatCompletionChunk(
             id=meta.id, created=meta.created, model=meta.model, choices=[choice]
@@ -172,16 +200,21 @@ class ChatFormat(ChoiceFormat):
             id=meta.id,
             created=meta.created,
             model=meta.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=AssistantMessage(content=c.text),
-                    logprobs=self._logprobs(c.logprobs),
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._choice(c) for c in choices],
             usage=usage,
+        )
+
+    def _choice(self, completion: Completion) -> ChatChoice:
+        content, calls = parse_calls(completion.text, self._tools)
+        message = AssistantMessage(
+            content=content,
+            tool_calls=[ToolCall(id=c.id, function=_function(c)) for c in calls] or None,
+        )
+        return ChatChoice(
+            index=completion.index,
+            message=message,
+            logprobs=self._logprobs(completion.logprobs),
+            finish_reason=_with_calls(completion.finish_reason, len(calls)),
         )
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
@@ -264,6 +297,15 @@ async def collect(generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta)
         usage.add(item)
         choices[item.choice].add(item.output)
     return fmt.response(meta, choices, usage.usage())
+
+
+def _function(call: ParsedCall) -> FunctionCall:
+    return FunctionCall(name=call.name, arguments=call.arguments)
+
+
+def _with_calls(finish_reason: str | None, num_calls: int) -> str | None:
+    """A choice that stopped after calling tools finished with `tool_calls`, as at OpenAI."""
+    return "tool_calls" if finish_reason == "stop" and num_calls else finish_reason
 
 
 def _finish_reason(out: RequestOutput) -> str | None:
