@@ -257,6 +257,7 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
             logprobs=logprobs,
             queue_time=req.queue_time,
+            prompt_logprobs=req.prompt_logprobs if _is_first(req, tokens) else None,
         )
 
 
@@ -267,6 +268,11 @@ def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> 
     slot_bytes = state_bytes_per_slot(loaded.model, dtype)
     budget = int(cache.memory_budget_bytes * cache.state_pool_ratio)
     return StatePool(cache.num_state_slots or max(1, budget // slot_bytes))
+
+
+def _is_first(req: Request, tokens: list[int]) -> bool:
+    """Whether `tokens` are the first the request output, when it wants prompt logprobs."""
+    return req.params.prompt_logprobs is not None and 0 < len(tokens) == len(req.output_token_ids)
 
 
 def _is_int(value: object) -> bool:

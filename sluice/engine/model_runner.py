@@ -91,14 +91,21 @@ class ModelRunner:
             self._grammar_states.pop(request_id, None)
         input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
-        rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
+        sample_rows = _sample_rows(step)
+        # Prompt logprobs come from the same forward, so a step's rows are bounded by its budget.
+        all_rows = sample_rows + _prompt_rows(step)
+        rows = torch.tensor(all_rows, dtype=torch.long, device=self.device)
         if self.compiled_step is not None:
             logits = self.compiled_step(input_ids, ctx, rows)
         else:
             if self.state_cache is not None:
                 self.state_cache.apply(step.state_ops)
             logits = self.model.compute_logits(self.model(input_ids, ctx)[rows])
-        return self._sample(logits, sampling) if sampling else StepOutput()
+        num_sampled = len(sample_rows)
+        return StepOutput(
+            self._sample(logits[:num_sampled], sampling) if sampling else {},
+            _prompt_logprobs(logits[num_sampled:], step) if num_sampled < len(all_rows) else {},
+        )
 
     def forward_context(
         self,
@@ -131,7 +138,9 @@ class ModelRunner:
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx
 
-    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> StepOutput:
+    def _sample(
+        self, logits: torch.Tensor, requests: list[ScheduledRequest]
+    ) -> dict[str, list[SampledToken]]:
         """Each sample row draws with its request's settings; a request's rows come in order
         (the continuation of its last token, then of each draft) with the history up to them."""
         rows = [(r, r.sampling, _history(r, i)) for r in requests for i in range(r.num_sample_rows)]
@@ -150,7 +159,7 @@ class ModelRunner:
         sampled: dict[str, list[SampledToken]] = {}
         for (request, _, _), token_id, logprob in zip(rows, token_ids, logprobs):
             sampled.setdefault(request.request_id, []).append(SampledToken(token_id, logprob))
-        return StepOutput(sampled)
+        return sampled
 
     def _grammar_masks(
         self, rows: list[tuple[ScheduledRequest, SamplingRow, list[int]]], vocab_size: int
@@ -205,6 +214,39 @@ def _sample_rows(step: StepInput) -> list[int]:
         end += r.num_tokens
         rows.extend(range(end - r.num_sample_rows, end))
     return rows
+
+
+def _prompt_rows(step: StepInput) -> list[int]:
+    """Flat token rows whose logits give prompt logprobs: each request's first, one per target."""
+    rows, start = [], 0
+    for r in step.requests:
+        rows.extend(range(start, start + len(r.prompt_targets)))
+        start += r.num_tokens
+    return rows
+
+
+def _prompt_logprobs(logits: torch.Tensor, step: StepInput) -> dict[str, list[TokenLogprob]]:
+    """Each prompt target's logprob under the raw logits of the row before it, with the top
+    alternatives its request wants."""
+    wanting = [r for r in step.requests if r.prompt_targets]
+    targets = torch.tensor([t for r in wanting for t in r.prompt_targets], device=logits.device)
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    k = max(r.num_prompt_alternatives for r in wanting)
+    top_values, top_ids = (v.tolist() for v in logprobs.topk(k, dim=-1)) if k else ([], [])
+    result, row = {}, 0
+    for r in wanting:
+        n, k_r = len(r.prompt_targets), r.num_prompt_alternatives
+        result[r.request_id] = [
+            TokenLogprob(
+                token,
+                chosen[row + i],
+                list(zip(top_ids[row + i][:k_r], top_values[row + i][:k_r])) if k_r else [],
+            )
+            for i, token in enumerate(r.prompt_targets)
+        ]
+        row += n
+    return result
 
 
 def _history(request: ScheduledRequest, row: int) -> list[int]:

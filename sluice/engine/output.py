@@ -29,6 +29,9 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     queue_time: float | None = None  # seconds from entering the engine to first being scheduled
+    # With params.prompt_logprobs, in a sequence's first output: each prompt token's after the
+    # first (the first has none: nothing comes before it).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class TextStream:

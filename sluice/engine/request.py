@@ -69,6 +69,8 @@ class Request:
     state_slot: int | None = None
     checkpoint_target: int = 0
     output_checkpoint: RadixNode | None = None  # its newest checkpoint past the prompt
+    # With params.prompt_logprobs: each prompt token's after the first, filled chunk by chunk.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -55,6 +55,7 @@ from sluice.server.responses import (
     ChatFormat,
     ChoiceFormat,
     CompletionFormat,
+    Echo,
     ResponseMeta,
     collect,
     stream_events,
@@ -406,10 +407,21 @@ async def create_completion(body: CompletionRequest, request: Request, server: S
     server.generations.check_size(len(raw_prompts), body.n)
     prompts = await server.encode(raw_prompts, "prompt")
     explicit = body.was_given("max_tokens")
-    max_tokens = server.max_tokens(body.max_tokens, explicit, prompts, "max_tokens")
+    # max_tokens 0 (the prompt's logprobs only) samples one token, which is left out.
+    generated = not (body.echo and explicit and body.max_tokens == 0)
+    limit = body.max_tokens if generated else 1
+    max_tokens = server.max_tokens(limit, explicit, prompts, "max_tokens")
     params = body.sampling_params(max_tokens, body.logprobs)
-    echoes = [_prompt_text(server, p) for p in raw_prompts] if body.echo else None
-    fmt = CompletionFormat(server.tokenizer, body.logprobs is not None, echoes)
+    params.prompt_logprobs = body.num_prompt_logprobs
+    params.validate()
+    echo = (
+        Echo([_prompt_text(server, p) for p in raw_prompts], prompts, generated)
+        if body.echo
+        else None
+    )
+    fmt = CompletionFormat(
+        server.tokenizer, body.logprobs is not None, echo, body.prompt_logprobs is not None
+    )
     return await server.respond(request, body, "cmpl", prompts, params, fmt)
 
 

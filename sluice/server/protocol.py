@@ -69,6 +69,10 @@ class RequestModel(APIModel):
 # ---- requests ----------------------------------------------------------------------------------
 
 
+def _omit_none(value: object) -> bool:
+    return value is None
+
+
 class StreamOptions(APIModel):
     include_usage: bool = False
 
@@ -170,6 +174,7 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = 16  # OpenAI's default; chat's is whatever room the context leaves
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's
     suffix: str | None = None
     best_of: int | None = None
 
@@ -187,9 +192,14 @@ class CompletionRequest(GenerationRequest):
             found.append(("suffix", "sluice does not fill in the middle"))
         if self.best_of is not None and self.best_of > self.n:
             found.append(("best_of", "sluice returns every sample it draws; use n"))
-        if self.echo and self.logprobs is not None:
-            found.append(("echo", "sluice has no prompt logprobs to echo with logprobs"))
         return found
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: what echo with logprobs, or vLLM's field, wants."""
+        echoed = self.logprobs if self.echo else None
+        wanted = [n for n in (echoed, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
 
 class ContentPart(APIModel):
@@ -380,10 +390,17 @@ class Usage(APIModel):
 
 
 class CompletionLogprobs(APIModel):
+    """An echoed prompt's first token has null logprobs: nothing comes before it."""
+
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(APIModel):
+    logprob: float
+    decoded_token: str
 
 
 class CompletionChoice(APIModel):
@@ -391,6 +408,10 @@ class CompletionChoice(APIModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonName | None = None
+    # vLLM's: per prompt token, its own and the top alternatives' logprobs (null for the first).
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, exclude_if=_omit_none
+    )
 
 
 class CompletionResponse(APIModel):
@@ -448,10 +469,6 @@ class DeltaToolCall(APIModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
-
-
-def _omit_none(value: object) -> bool:
-    return value is None
 
 
 class Delta(APIModel):

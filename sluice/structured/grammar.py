@@ -18,9 +18,6 @@ from sluice.loaders.tokenizer import Tokenizer
 from sluice.sampling_params import InvalidParameterError
 from sluice.structured.spec import StructuredOutput
 
-# Drafts a matcher may be rolled back over (speculative decoding checks a few per step).
-MAX_ROLLBACK_TOKENS = 16
-
 
 class GrammarCompiler:
     """Compiles constraints for one tokenizer; compiled grammars are cached by constraint."""
@@ -74,7 +71,7 @@ class GrammarState:
     """Where one request is in its grammar: follows its committed tokens, masks the next one."""
 
     def __init__(self, grammar: xgr.CompiledGrammar, vocab_size: int) -> None:
-        self._matcher = xgr.GrammarMatcher(grammar, max_rollback_tokens=MAX_ROLLBACK_TOKENS)
+        self._matcher = xgr.GrammarMatcher(grammar)  # rolls back any number of tokens
         self._vocab_size = vocab_size
         self._num_accepted = 0
         self._broken = False  # a token the grammar refuses was forced on it (a rejected draft)
