@@ -48,6 +48,7 @@ from sluice.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     VersionResponse,
 )
 from sluice.server.request_id import RequestIdMiddleware
@@ -458,6 +459,20 @@ async def tokenize(body: TokenizeRequest, server: Server) -> TokenizeResponse:
     else:
         tokens = await server.tokenize(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=server.max_model_len, tokens=tokens)
+
+
+@api_routes.get("/tokenizer_info")
+async def tokenizer_info(server: Server) -> TokenizerInfoResponse:
+    """The tokenizer's special tokens and chat template, as vLLM's endpoint gives them: what
+    lm-evaluation-harness's `remote` tokenizer reads, beside /tokenize and /detokenize."""
+    names = server.tokenizer.special_token_names()
+    return TokenizerInfoResponse(
+        eos_token=names.get("eos_token"),
+        bos_token=names.get("bos_token"),
+        pad_token=names.get("pad_token"),
+        chat_template=server.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,
+        model_max_length=server.max_model_len,
+    )
 
 
 @api_routes.post("/detokenize")

@@ -514,6 +514,15 @@ class TokenizeResponse(APIModel):
     tokens: list[int]
 
 
+class TokenizerInfoResponse(APIModel):
+    tokenizer_class: str = "sluice"
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str
+    model_max_length: int
+
+
 class DetokenizeResponse(APIModel):
     prompt: str
 
