@@ -61,7 +61,11 @@ from sluice.server.responses import (
     collect,
     stream_events,
 )
-from sluice.server.tools import messages_without_tool_support, template_takes_tools
+from sluice.server.tools import (
+    function_names,
+    messages_without_tool_support,
+    template_takes_tools,
+)
 
 SHUTTING_DOWN = APIError(503, "the server is shutting down", code="server_shutting_down")
 
@@ -455,7 +459,8 @@ async def tokenize(body: TokenizeRequest, server: Server) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParameterError("prompt", "give either `prompt` or `messages`")
     if body.messages is not None:
-        tokens = await server.render_chat(body.messages)
+        function_names(body.tools)  # checked as a chat request's are
+        tokens = await server.render_chat(body.messages, body.tools)
     else:
         tokens = await server.tokenize(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=server.max_model_len, tokens=tokens)

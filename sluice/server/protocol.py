@@ -367,6 +367,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # offered with `messages`, as in a chat request
     add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
 
 

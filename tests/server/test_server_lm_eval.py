@@ -88,12 +88,14 @@ def test_multiple_choice_accuracy_equals_in_process_scoring(evaluated: dict, llm
 
 def test_perplexity_equals_in_process_scoring(evaluated: dict, llm: LLM):
     samples = evaluated["samples"]["sluice_ppl"]
-    eos = min(llm.tokenizer.eos_token_ids)
+    # lm-eval's rolling windows start at the EOT token, which it reads from /tokenizer_info.
+    eos_text = llm.tokenizer.special_token_names()["eos_token"]
+    [eos] = llm.tokenizer.encode(eos_text, add_special_tokens=False)
     total, words = 0.0, 0
     for sample in samples:
         text = sample["doc"]["text"]
         tokens = llm.tokenizer.encode(text, add_special_tokens=False)
-        ours = sequence_logprob(llm, [eos], tokens)  # lm-eval's rolling windows start at EOT
+        ours = sequence_logprob(llm, [eos], tokens)
         assert sample["resps"][0][0] == pytest.approx(ours, abs=1e-3)
         total += ours
         words += len(text.split())
