@@ -80,7 +80,7 @@ class StreamOptions(APIModel):
 class StructuredOutputs(APIModel):
     """vLLM's `structured_outputs`: exactly one constraint on the output."""
 
-    json: dict[str, Any] | str | None = None
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
@@ -348,7 +348,7 @@ def _constraints(source: object, param: str, prefix: str = "") -> list[Structure
         ("choice", "choice"),
         ("grammar", "grammar"),
     ):
-        value = getattr(source, prefix + field, None)
+        value = getattr(source, prefix + field if prefix or field != "json" else "json_", None)
         if value is None:
             continue
         name = f"{param}_{field}" if prefix else f"{param}.{field}"
