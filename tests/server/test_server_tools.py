@@ -112,9 +112,8 @@ def chat(server: ServerProcess, **kwargs):
 def test_a_conversation_with_tool_results_renders_as_transformers_does(tool_server, folder):
     reference = transformers.AutoTokenizer.from_pretrained(folder)
     expected = reference.apply_chat_template(
-        CONVERSATION, tools=TOOLS, add_generation_prompt=True, tokenize=True
-    )
-    expected = expected["input_ids"] if isinstance(expected, dict) else expected
+        CONVERSATION, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     with tool_server.http() as http:
         got = http.post("/tokenize", json={"messages": CONVERSATION, "tools": TOOLS}).json()
     assert got["tokens"] == list(expected)
