@@ -53,12 +53,14 @@ def llm() -> LLM:
     return LLM(compile=False)
 
 
-def sequence_logprob(llm: LLM, context: list[int], continuation: list[int]) -> float:
-    """log P(continuation | context) from sluice's prompt logprobs."""
+def sequence_logprobs(llm: LLM, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """log P(continuation | context) of each pair from sluice's prompt logprobs, in one batch."""
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    [result] = llm.generate([context + continuation], params)
-    logprobs = result.outputs[0].prompt_logprobs
-    return sum(lp.logprob for lp in logprobs[len(context) - 1 :])
+    results = llm.generate([context + continuation for context, continuation in pairs], params)
+    return [
+        sum(lp.logprob for lp in result.outputs[0].prompt_logprobs[len(context) - 1 :])
+        for (context, _), result in zip(pairs, results, strict=True)
+    ]
 
 
 def encode_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -75,12 +77,14 @@ def encode_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], l
 def test_multiple_choice_accuracy_equals_in_process_scoring(evaluated: dict, llm: LLM):
     samples = evaluated["samples"]["sluice_mc"]
     assert len(samples) == 12
+    pairs = [encode_pair(llm, *a) for sample in samples for a in sample["arguments"]]
+    ours = iter(sequence_logprobs(llm, pairs))
     correct = 0
     for sample in samples:
         served = [resp[0][0] for resp in sample["resps"]]
-        ours = [sequence_logprob(llm, *encode_pair(llm, *a)) for a in sample["arguments"]]
-        assert served == pytest.approx(ours, abs=1e-3)
-        correct += max(range(len(ours)), key=ours.__getitem__) == sample["target"]
+        scores = [next(ours) for _ in served]
+        assert served == pytest.approx(scores, abs=1e-3)
+        correct += max(range(len(scores)), key=scores.__getitem__) == sample["target"]
     accuracy = evaluated["results"]["sluice_mc"]["acc,none"]
     assert accuracy == correct / len(samples)
     assert accuracy >= 0.5  # the default model knows most of these (chance is 0.25)
@@ -91,13 +95,11 @@ def test_perplexity_equals_in_process_scoring(evaluated: dict, llm: LLM):
     # lm-eval's rolling windows start at the EOT token, which it reads from /tokenizer_info.
     eos_text = llm.tokenizer.special_token_names()["eos_token"]
     [eos] = llm.tokenizer.encode(eos_text, add_special_tokens=False)
-    total, words = 0.0, 0
-    for sample in samples:
-        text = sample["doc"]["text"]
-        tokens = llm.tokenizer.encode(text, add_special_tokens=False)
-        ours = sequence_logprob(llm, [eos], tokens)
-        assert sample["resps"][0][0] == pytest.approx(ours, abs=1e-3)
-        total += ours
-        words += len(text.split())
+    texts = [sample["doc"]["text"] for sample in samples]
+    ours = sequence_logprobs(
+        llm, [([eos], llm.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+    )
+    assert [sample["resps"][0][0] for sample in samples] == pytest.approx(ours, abs=1e-3)
+    words = sum(len(text.split()) for text in texts)
     word_perplexity = evaluated["results"]["sluice_ppl"]["word_perplexity,none"]
-    assert word_perplexity == pytest.approx(math.exp(-total / words), rel=1e-4)
+    assert word_perplexity == pytest.approx(math.exp(-sum(ours) / words), rel=1e-4)
