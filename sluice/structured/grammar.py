@@ -30,8 +30,13 @@ class GrammarCompiler:
     def _compiler(self) -> xgr.GrammarCompiler:
         # Built on first use (~0.1 s): engines that never constrain never pay for it.
         tokenizer = self._tokenizer
+        # Special tokens spell nothing (xgrammar never allows an empty token), or their text
+        # (`<|im_end|>`) could be written inside a JSON string and vanish from the output.
         info = xgr.TokenizerInfo(
-            [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)],
+            [
+                b"" if tokenizer.is_special(i) else tokenizer.token_bytes(i)
+                for i in range(tokenizer.vocab_size)
+            ],
             vocab_type=xgr.VocabType.RAW,
             vocab_size=self.vocab_size,
             stop_token_ids=sorted(tokenizer.eos_token_ids),
