@@ -95,23 +95,23 @@ def write_byte_level_tokenizer(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-qwen3-tools")
-    make_tiny_checkpoint("qwen3", folder)
+    # Byte-level tokens make the tool prompt ~960 tokens long: room for it and the answer.
+    make_tiny_checkpoint("qwen3", folder, max_position_embeddings=2048)
     write_byte_level_tokenizer(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def tool_server(folder: Path) -> Iterator[ServerProcess]:
-    process = start_server(folder / "serve.log", "--model", str(folder))
+    process = start_server(folder / "serve.log", "--model", str(folder), "--max-model-len", "2048")
     yield process
     assert process.stop() == 0, process.log_tail()
 
 
 def chat(server: ServerProcess, **kwargs):
     oai = server.openai()
-    return oai.chat.completions.create(
-        model=oai.models.list().data[0].id, max_tokens=120, temperature=0, **kwargs
-    )
+    kwargs = {"max_tokens": 120, "temperature": 0, **kwargs}
+    return oai.chat.completions.create(model=oai.models.list().data[0].id, **kwargs)
 
 
 def test_a_conversation_with_tool_results_renders_as_transformers_does(tool_server, folder):
