@@ -54,9 +54,11 @@ def llm() -> LLM:
 
 
 def sequence_logprobs(llm: LLM, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """log P(continuation | context) of each pair from sluice's prompt logprobs, in one batch."""
+    """log P(continuation | context) of each pair from sluice's prompt logprobs, one request at
+    a time as lm-eval sends them (`num_concurrent=1`): the int4 kernels' sums depend on the
+    batch, so a batch would differ in the third decimal."""
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    results = llm.generate([context + continuation for context, continuation in pairs], params)
+    results = [llm.generate([context + continuation], params)[0] for context, continuation in pairs]
     return [
         sum(lp.logprob for lp in result.outputs[0].prompt_logprobs[len(context) - 1 :])
         for (context, _), result in zip(pairs, results, strict=True)
