@@ -6,6 +6,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,9 +28,12 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
     def add(self, out: RequestOutput) -> None:
         """Accumulate one step's output of this sample."""
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.new_text
         self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs
@@ -164,14 +168,19 @@ class LLM:
 
 
 def chat_prompt_ids(
-    tokenizer: Tokenizer, messages: list[Message], allow_special_tokens_in_content: bool = False
+    tokenizer: Tokenizer,
+    messages: list[Message],
+    allow_special_tokens_in_content: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """The prompt that asks the model to answer the last of `messages`; special-token text in
-    their content is encoded as text unless `allow_special_tokens_in_content`."""
+    """The prompt that asks the model to answer the last of `messages`, offering it `tools`;
+    special-token text in their content is encoded as text unless
+    `allow_special_tokens_in_content`."""
     return tokenizer.encode_chat(
         messages,
         add_generation_prompt=True,
         allow_special_tokens_in_content=allow_special_tokens_in_content,
+        **({"tools": tools} if tools else {}),
     )
 
 

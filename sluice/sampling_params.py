@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sluice.structured.spec import StructuredOutput
+
 # Below this a temperature is greedy: dividing logits by it overflows float32 (vLLM does the same).
 GREEDY_TEMPERATURE = 1e-5
 _SEED_RANGE = 2**63  # seeds are int64s >= 0, as the API's `seed` is
@@ -12,14 +14,20 @@ _MAX_TOP_K = 2**31 - 1
 # A repetition penalty divides or multiplies logits. Past these bounds it has long made the
 # repeated tokens certain or impossible, and near 0 it underflows float32 (1e-40 becomes 0).
 _REPETITION_PENALTY_RANGE = (0.01, 100.0)
+_LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 class InvalidParameterError(ValueError):
-    """A request parameter is out of range; `param` names it (OpenAI's error `param`)."""
+    """A request parameter is out of range; `param` names it (OpenAI's error `param`), `code`
+    says what kind of error it is where clients look for one (`context_length_exceeded`)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a too long request
 
 
 @dataclass
@@ -44,6 +52,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # False: the engine proposes no draft tokens for this request (same output, its own pace).
     speculative: bool = True
+    # Added to the logits before sampling (not to logprobs, which describe the model).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None  # what the output must match
+    # Logprobs of each prompt token after the first, with this many alternatives.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
@@ -106,6 +119,21 @@ class SamplingParams:
                 self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_RANGE),
                 "seed",
                 f"must be an integer in [0, {_SEED_RANGE - 1}]",
+            ),
+            (
+                self.prompt_logprobs is None
+                or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+                "prompt_logprobs",
+                "must be in [0, 20]",
+            ),
+            (
+                isinstance(self.logit_bias, dict)
+                and all(
+                    _is_int(t) and t >= 0 and _finite(b) and abs(b) <= _LOGIT_BIAS_RANGE
+                    for t, b in self.logit_bias.items()
+                ),
+                "logit_bias",
+                f"must map token ids to biases in [-{_LOGIT_BIAS_RANGE:g}, {_LOGIT_BIAS_RANGE:g}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (

@@ -1,4 +1,5 @@
 """`sluice bench {offline,latency,serve,prefix-cache,speculative}`: the benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache,structured}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
@@ -24,6 +25,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_prefix_cache(kinds)
     _add_speculative(kinds)
     _add_pd_transfer(kinds)
+    _add_structured(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -163,6 +165,19 @@ def _add_serve(kinds: argparse._SubParsersAction) -> None:
     _add_common(serve)
     serve.add_argument("--plot", default=None, metavar="PATH.png", help="save latency plots")
     serve.set_defaults(func=_runner("serve"))
+
+
+def _add_structured(kinds: argparse._SubParsersAction) -> None:
+    structured = kinds.add_parser(
+        "structured",
+        help="output tok/s with a JSON schema constraint vs without, and schema compile time",
+    )
+    structured.add_argument("--streams", type=_int_list, default=[1, 32])
+    structured.add_argument("--max-tokens", type=_POSITIVE, default=64)
+    structured.add_argument("--rounds", type=_POSITIVE, default=2, help="A/B rounds, interleaved")
+    _add_common(structured)
+    add_engine_args(structured)
+    structured.set_defaults(func=_runner("structured"))
 
 
 def _add_prefix_cache(kinds: argparse._SubParsersAction) -> None:

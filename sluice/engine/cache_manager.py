@@ -153,7 +153,12 @@ class KVCacheManager:
 
     def match_prefix(self, request: Request) -> None:
         """Start a request with nothing computed from the longest cached prefix of its tokens."""
-        if self.prefix_cache is None or request.num_computed_tokens:
+        # Prompt logprobs are computed with the prompt: a cached prefix would have none.
+        if (
+            self.prefix_cache is None
+            or request.num_computed_tokens
+            or request.params.prompt_logprobs is not None
+        ):
             return
         hit = self.prefix_cache.match(request.token_ids(0, request.num_tokens), request.cache_salt)
         self.pool.retain(hit.page_ids)

@@ -21,8 +21,9 @@ from sluice.engine.scheduler import RequestUpdate, Scheduler
 from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
-from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
 from sluice.spec.proposer import make_proposer
+from sluice.structured.grammar import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Engine:
                 "rolled back"
             )
         self.proposer = make_proposer(config.speculative)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.executor: Executor = ModelRunner(
             loaded.model,
             self.device,
@@ -80,6 +82,7 @@ class Engine:
             self.state_pool,
             config.compile,
             _graph_shape(config, loaded.config, num_pages, page_size, self.device),
+            self.grammars,
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -111,6 +114,7 @@ class Engine:
                 "prompt",
                 f"prompt has {len(token_ids)} tokens but the context window is "
                 f"{self.max_model_len} tokens (at least one must be left to generate)",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         vocab_size = self.model_config.vocab_size
         if not all(_is_int(t) and 0 <= t < vocab_size for t in token_ids):
@@ -147,6 +151,12 @@ class Engine:
             raise InvalidParameterError(
                 "stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab_size})"
             )
+        if any(t >= vocab_size for t in params.logit_bias):
+            raise InvalidParameterError(
+                "logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size})"
+            )
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # a constraint that cannot compile: refused
         if transfer is not None:
             check_transfer(self.disagg, transfer, prompt_ids, params)
         return PreparedRequest(prompt_ids, params, cache_salt, transfer)
@@ -339,6 +349,7 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
             logprobs=logprobs,
             queue_time=req.queue_time,
+            prompt_logprobs=req.prompt_logprobs if _is_first(req, tokens) else None,
         )
 
 
@@ -376,6 +387,11 @@ def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> 
     slot_bytes = state_bytes_per_slot(loaded.model, dtype)
     budget = int(cache.memory_budget_bytes * cache.state_pool_ratio)
     return StatePool(cache.num_state_slots or max(1, budget // slot_bytes))
+
+
+def _is_first(req: Request, tokens: list[int]) -> bool:
+    """Whether `tokens` are the first the request output, when it wants prompt logprobs."""
+    return req.params.prompt_logprobs is not None and 0 < len(tokens) == len(req.output_token_ids)
 
 
 def _is_int(value: object) -> bool:

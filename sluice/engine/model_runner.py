@@ -23,6 +23,7 @@ from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 from sluice.sampling_params import SamplingParams
+from sluice.structured.grammar import GrammarCompiler, GrammarState, allocate_bitmask
 
 
 def allocate_state(
@@ -55,15 +56,19 @@ class ModelRunner:
         state_pool: StatePool | None = None,
         compile: bool = False,
         graph_shape: GraphShape | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         """`graph_shape` (CUDA): capture decode graphs of these sizes; its scratch page is one
-        past `num_pages`."""
+        past `num_pages`. `grammars` compiles the constraints of requests with
+        `params.structured`."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
         self.sampler = Sampler()
         self.state_pool = state_pool
+        self.grammars = grammars
+        self._grammar_states: dict[str, GrammarState] = {}  # constrained requests' own, by id
         pool_pages = graph_shape.num_pages if graph_shape is not None else num_pages
         self.kv_cache = KVCache.allocate(model.config, pool_pages, page_size, kv_dtype, device)
         self.state_cache = (
@@ -89,19 +94,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        for request_id in step.finished_ids:
+            self._grammar_states.pop(request_id, None)
         logits = self._replay(step)
         if logits is not None:
-            return self._sample(logits, step.requests)
+            return StepOutput(self._sample(logits, step.requests))
         input_ids, ctx = self._prepare_inputs(step)
         sampling = [r for r in step.requests if r.sampling is not None]
-        rows = torch.tensor(_sample_rows(step), dtype=torch.long, device=self.device)
+        sample_rows = _sample_rows(step)
+        # Prompt logprobs come from the same forward, so a step's rows are bounded by its budget.
+        all_rows = sample_rows + _prompt_rows(step)
+        rows = torch.tensor(all_rows, dtype=torch.long, device=self.device)
         if self.compiled_step is not None:
             logits = self.compiled_step(input_ids, ctx, rows)
         else:
             if self.state_cache is not None:
                 self.state_cache.apply(step.state_ops)
             logits = self.model.compute_logits(self.model(input_ids, ctx)[rows])
-        return self._sample(logits, sampling) if sampling else StepOutput()
+        num_sampled = len(sample_rows)
+        return StepOutput(
+            self._sample(logits[:num_sampled], sampling) if sampling else {},
+            _prompt_logprobs(logits[num_sampled:], step) if num_sampled < len(all_rows) else {},
+        )
 
     def _replay(self, step: StepInput) -> torch.Tensor | None:
         """Logits of a decode-only step from the CUDA graphs; None for steps they don't take."""
@@ -147,7 +161,9 @@ class ModelRunner:
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx
 
-    def _sample(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> StepOutput:
+    def _sample(
+        self, logits: torch.Tensor, requests: list[ScheduledRequest]
+    ) -> dict[str, list[SampledToken]]:
         """Each sample row draws with its request's settings; a request's rows come in order
         (the continuation of its last token, then of each draft) with the history up to them."""
         rows = [(r, r.sampling, _history(r, i)) for r in requests for i in range(r.num_sample_rows)]
@@ -158,6 +174,7 @@ class ModelRunner:
             prompt_ids=[s.prompt_token_ids for _, s, _ in rows],
             output_ids=[out for _, _, out in rows],
             device=self.device,
+            allowed=self._grammar_masks(rows, logits.shape[-1]),
         )
         out = self.sampler(logits, sampling)
         token_ids = out.token_ids.tolist()
@@ -165,7 +182,35 @@ class ModelRunner:
         sampled: dict[str, list[SampledToken]] = {}
         for (request, _, _), token_id, logprob in zip(rows, token_ids, logprobs):
             sampled.setdefault(request.request_id, []).append(SampledToken(token_id, logprob))
-        return StepOutput(sampled)
+        return sampled
+
+    def _grammar_masks(
+        self, rows: list[tuple[ScheduledRequest, SamplingRow, list[int]]], vocab_size: int
+    ) -> torch.Tensor | None:
+        """Bits of the tokens each row's grammar allows next; None when no row has a grammar.
+        A row after a draft its grammar refuses stays unconstrained: the model rejects that
+        draft, so what the row samples is dropped."""
+        if not any(s.params.structured is not None for _, s, _ in rows):
+            return None
+        bitmask = allocate_bitmask(len(rows), vocab_size)
+        for index, (request, sampling, history) in enumerate(rows):
+            state = self._grammar_state(request.request_id, sampling.params)
+            if state is not None and state.follow(history):
+                state.fill_mask(bitmask, index)
+        for request, sampling, _ in rows:  # drafts are checked: back to the committed tokens
+            if (state := self._grammar_states.get(request.request_id)) is not None:
+                state.rollback_to(len(sampling.output_token_ids))
+        return bitmask
+
+    def _grammar_state(self, request_id: str, params: SamplingParams) -> GrammarState | None:
+        if params.structured is None:
+            return None
+        if request_id not in self._grammar_states:
+            assert self.grammars is not None, (
+                "a constrained request reached a runner without grammars"
+            )
+            self._grammar_states[request_id] = self.grammars.matcher(params.structured)
+        return self._grammar_states[request_id]
 
     def _generator(self, params: SamplingParams, position: int) -> torch.Generator | None:
         """A seeded request draws its output token `position` from a generator seeded by
@@ -197,6 +242,39 @@ def _sample_rows(step: StepInput) -> list[int]:
         end += r.num_tokens
         rows.extend(range(end - r.num_sample_rows, end))
     return rows
+
+
+def _prompt_rows(step: StepInput) -> list[int]:
+    """Flat token rows whose logits give prompt logprobs: each request's first, one per target."""
+    rows, start = [], 0
+    for r in step.requests:
+        rows.extend(range(start, start + len(r.prompt_targets)))
+        start += r.num_tokens
+    return rows
+
+
+def _prompt_logprobs(logits: torch.Tensor, step: StepInput) -> dict[str, list[TokenLogprob]]:
+    """Each prompt target's logprob under the raw logits of the row before it, with the top
+    alternatives its request wants."""
+    wanting = [r for r in step.requests if r.prompt_targets]
+    targets = torch.tensor([t for r in wanting for t in r.prompt_targets], device=logits.device)
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    k = max(r.num_prompt_alternatives for r in wanting)
+    top_values, top_ids = (v.tolist() for v in logprobs.topk(k, dim=-1)) if k else ([], [])
+    result, row = {}, 0
+    for r in wanting:
+        n, k_r = len(r.prompt_targets), r.num_prompt_alternatives
+        result[r.request_id] = [
+            TokenLogprob(
+                token,
+                chosen[row + i],
+                list(zip(top_ids[row + i][:k_r], top_values[row + i][:k_r])) if k_r else [],
+            )
+            for i, token in enumerate(r.prompt_targets)
+        ]
+        row += n
+    return result
 
 
 def _history(request: ScheduledRequest, row: int) -> list[int]:

@@ -31,6 +31,9 @@ class RequestOutput:
     queue_time: float | None = None  # seconds from entering the engine to first being scheduled
     # A prefill instance's last output for a remote decode: where D finds the KV (sluice.disagg).
     kv_transfer_params: dict | None = None
+    # With params.prompt_logprobs, in a sequence's first output: each prompt token's after the
+    # first (the first has none: nothing comes before it).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class TextStream:

@@ -86,6 +86,8 @@ class Request:
     room: int | None = None  # P, driven by sglang-router: the bootstrap room D asks for
     held: HeldKV | None = None
     remote_prefill: RemotePrefill | None = None
+    # With params.prompt_logprobs: each prompt token's after the first, filled chunk by chunk.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -155,6 +155,7 @@ class Scheduler:
         updates = []
         for scheduled, request in zip(batch.step.requests, batch.requests):
             sampled = output.sampled.get(scheduled.request_id, [])
+            _record_prompt_logprobs(request, scheduled, output)
             accepted = _num_accepted(scheduled, sampled)
             request.num_computed_tokens += scheduled.num_tokens - scheduled.num_speculative
             request.num_computed_tokens += accepted
@@ -313,6 +314,7 @@ def _scheduled_request(request: Request, num_tokens: int, num_drafts: int) -> Sc
     sampling = None
     if end == request.num_tokens:
         sampling = SamplingRow(request.params, request.prompt_token_ids, request.output_token_ids)
+    wanted = request.params.prompt_logprobs
     return ScheduledRequest(
         request.request_id,
         token_ids,
@@ -321,7 +323,18 @@ def _scheduled_request(request: Request, num_tokens: int, num_drafts: int) -> Sc
         request.state_slot,
         num_drafts,
         sampling,
+        request.prompt_token_ids[start + 1 : end + 1] if wanted is not None else [],
+        wanted or 0,
     )
+
+
+def _record_prompt_logprobs(
+    request: Request, scheduled: ScheduledRequest, output: StepOutput
+) -> None:
+    """Keep the chunk's prompt logprobs; a chunk computed again after a preemption adds none."""
+    new = output.prompt_logprobs.get(scheduled.request_id, [])
+    num_known = len(request.prompt_logprobs) - scheduled.context_len
+    request.prompt_logprobs.extend(new[max(0, num_known) :])
 
 
 def _num_accepted(scheduled: ScheduledRequest, sampled: list[SampledToken]) -> int:

@@ -40,6 +40,10 @@ class ScheduledRequest:
     state_slot: int | None = None
     num_speculative: int = 0
     sampling: SamplingRow | None = None
+    # Prompt logprobs: the prompt tokens that follow this chunk's first rows, one per row, and
+    # how many alternatives each wants.
+    prompt_targets: list[int] = field(default_factory=list)
+    num_prompt_alternatives: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -68,3 +72,4 @@ class StepOutput:
     """The tokens sampled for each request that had sample rows, in row order."""
 
     sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Next-token sampling for a batch of requests, each with its own settings and seed.
 
-The order is vLLM's and HF's: penalties, then temperature, top-k, top-p and min-p, then an
+The order is vLLM's and HF's: logit biases and grammar masks, penalties, then temperature, top-k, top-p and min-p, then an
 exact draw from what is left. Temperature-0 rows take the argmax of the penalised logits.
 """
 
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from sluice.sampling_params import SamplingParams
+from sluice.structured.grammar import apply_bitmask
 
 _PAD_ID = -1  # pads the ragged id lists; counted into a spare vocab column that is then dropped
 
@@ -44,6 +45,10 @@ class SamplingBatch:
     # top-k, so that its whole vocabulary must be ranked.
     max_top_k: int | None
     any_min_p: bool  # among sampled rows
+    # (rows, token ids, biases) of every row's logit_bias; None when no row has one.
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None = None
+    # [B, ceil(V / 32)] int32 bits of the tokens each row may take; None: no row is constrained.
+    allowed: Tensor | None = None
 
     @classmethod
     def build(
@@ -53,6 +58,7 @@ class SamplingBatch:
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         device: torch.device,
+        allowed: Tensor | None = None,
     ) -> SamplingBatch:
         # One upload for all float settings instead of one per field.
         floats = torch.tensor(
@@ -94,6 +100,8 @@ class SamplingBatch:
             any_top_k_top_p=bool(cutting),
             max_top_k=None if 0 in top_ks else max(top_ks, default=None),
             any_min_p=any(p.min_p > 0.0 for p in sampled),
+            logit_bias=_logit_bias(params, device),
+            allowed=allowed,
         )
 
 
@@ -110,6 +118,8 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         # Logprobs describe the model, so they come from the logits before any setting touches them.
         raw_logprobs = None if batch.max_num_logprobs is None else logits.log_softmax(dim=-1)
+        if batch.logit_bias is not None or batch.allowed is not None:
+            logits = _constrain(logits.clone(), batch)
         if batch.any_penalties:
             logits = _apply_penalties(logits, batch)
         token_ids = logits.argmax(dim=-1) if batch.all_greedy else _sample(logits, batch)
@@ -131,6 +141,30 @@ def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.any_greedy:
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
     return sampled
+
+
+def _constrain(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Adds each row's logit biases and masks to -inf what its grammar does not allow, in place."""
+    if batch.logit_bias is not None:
+        rows, token_ids, biases = batch.logit_bias
+        logits.index_put_((rows, token_ids), biases, accumulate=True)
+    if batch.allowed is not None:
+        apply_bitmask(logits, batch.allowed)
+    return logits
+
+
+def _logit_bias(
+    params: list[SamplingParams], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    entries = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias.items()]
+    if not entries:
+        return None
+    rows, token_ids, biases = zip(*entries, strict=True)
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(token_ids, dtype=torch.int64, device=device),
+        torch.tensor(biases, dtype=torch.float32, device=device),
+    )
 
 
 def _apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:

@@ -344,7 +344,7 @@ class Tokenizer:
             messages,
             text,
             add_generation_prompt=add_generation_prompt,
-            special_tokens=self._special_token_names(),
+            special_tokens=self.special_token_names(),
             **kwargs,
         )
         if spans is None:
@@ -409,7 +409,7 @@ class Tokenizer:
         mark_ids = {backend.token_to_id(_SPECIAL_MARK.format(i)): i for i in specials}
         return backend, mark_ids
 
-    def _special_token_names(self) -> dict[str, str]:
+    def special_token_names(self) -> dict[str, str]:
         return {
             role: self._backend.id_to_token(token_id)
             for role, token_id in self._special_token_ids.items()
@@ -424,7 +424,7 @@ class Tokenizer:
             self._chat_template or DEFAULT_CHAT_TEMPLATE,
             messages,
             add_generation_prompt=add_generation_prompt,
-            special_tokens=self._special_token_names(),
+            special_tokens=self.special_token_names(),
             **kwargs,
         )
 

@@ -70,7 +70,7 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidParameterError):
-        return APIError(400, str(exc), param=exc.param)
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_dead")
     if isinstance(exc, EngineStepError):
@@ -91,7 +91,10 @@ async def _failure(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_failure(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown routes, wrong methods, unparsable bodies: Starlette's errors, OpenAI's shape.
-    return error_response(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
+    message = str(exc.detail)
+    if exc.status_code == 404:  # /v1/embeddings, /v1/responses, ...: say so, not "Not Found"
+        message = f"{request.method} {request.url.path} is not supported by sluice"
+    return error_response(APIError(exc.status_code, message, headers=exc.headers))
 
 
 async def _validation_failure(request: Request, exc: RequestValidationError) -> JSONResponse:

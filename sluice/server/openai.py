@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -26,8 +26,9 @@ from sluice import __version__
 from sluice.api import chat_prompt_ids
 from sluice.disagg.params import TransferRequest
 from sluice.engine.async_engine import AsyncEngine
+from sluice.loaders.chat_template import DEFAULT_CHAT_TEMPLATE
 from sluice.loaders.model_path import DEFAULT_MODEL
-from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
 from sluice.server import disagg
 from sluice.server.body_limit import BodyLimitMiddleware
 from sluice.server.errors import APIError, install_error_handlers
@@ -49,15 +50,23 @@ from sluice.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
     VersionResponse,
 )
+from sluice.server.request_id import RequestIdMiddleware
 from sluice.server.responses import (
     ChatFormat,
     ChoiceFormat,
     CompletionFormat,
+    Echo,
     ResponseMeta,
     collect,
     stream_events,
+)
+from sluice.server.tools import (
+    function_names,
+    messages_without_tool_support,
+    template_takes_tools,
 )
 
 SHUTTING_DOWN = APIError(503, "the server is shutting down", code="server_shutting_down")
@@ -135,9 +144,14 @@ class OpenAIServer:
         self.check_length(text)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
-    async def render_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """The chat prompt's token ids, rendered and tokenized off the event loop."""
+    async def render_chat(
+        self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat prompt's token ids, rendered and tokenized off the event loop. A template
+        that knows no tools gets them (and past calls and results) written as text."""
         conversation = [message.for_template() for message in messages]
+        if not template_takes_tools(self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE):
+            conversation, tools = messages_without_tool_support(conversation, tools), None
         with _named("messages"):
             self.check_length(sum(message.num_chars for message in messages))
             try:
@@ -146,6 +160,7 @@ class OpenAIServer:
                     self.tokenizer,
                     conversation,
                     allow_special_tokens_in_content=self.settings.allow_special_tokens_in_content,
+                    tools=tools,
                 )
             except InvalidParameterError:  # already names its field
                 raise
@@ -161,6 +176,7 @@ class OpenAIServer:
                     "prompt",
                     f"prompt has {len(prompt)} tokens but the context window is "
                     f"{self.max_model_len} tokens (at least one must be left to generate)",
+                    code=CONTEXT_LENGTH_EXCEEDED,
                 )
             return
         num_chars = prompt if isinstance(prompt, int) else len(prompt)
@@ -171,6 +187,7 @@ class OpenAIServer:
                 f"{self.max_model_len} tokens can hold (at most {self.max_prompt_chars}: no "
                 f"token of this model stands for more than "
                 f"{self.max_prompt_chars // self.max_model_len} characters)",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
 
     async def shut_down_after(self, grace: float) -> None:
@@ -193,6 +210,7 @@ class OpenAIServer:
                 param,
                 f"{param} is {limit}, but the prompt has {longest} tokens and the context window "
                 f"is {self.max_model_len} tokens, which leaves room for {room}",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         return limit
 
@@ -240,6 +258,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=server.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: the body limit's 413 gets an id too
     protected = [Depends(_check_api_key)] if settings.auth_all_endpoints else []
     app.include_router(health_routes)
     app.include_router(open_routes, dependencies=protected)
@@ -292,7 +311,7 @@ def _named(param: str) -> Iterator[None]:
     except InvalidParameterError as exc:
         if exc.param != "prompt" or param == "prompt":
             raise
-        raise InvalidParameterError(param, str(exc)) from exc
+        raise InvalidParameterError(param, str(exc), exc.code) from exc
 
 
 @contextmanager
@@ -302,7 +321,8 @@ def _named_as(aliases: dict[str, str]) -> Iterator[None]:
         yield
     except InvalidParameterError as exc:
         param = aliases.get(exc.param, exc.param)
-        raise InvalidParameterError(param, str(exc).replace(exc.param, param, 1)) from exc
+        message = str(exc).replace(exc.param, param, 1)
+        raise InvalidParameterError(param, message, exc.code) from exc
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -380,10 +400,13 @@ async def redoc() -> HTMLResponse:
 
 @api_routes.get("/v1/models")
 async def list_models(server: Server) -> ModelList:
-    card = ModelCard(
-        id=server.settings.model_name, created=server.started, max_model_len=server.max_model_len
-    )
-    return ModelList(data=[card])
+    return ModelList(data=[await retrieve_model(server.settings.model_name, server)])
+
+
+@api_routes.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, server: Server) -> ModelCard:
+    server.check_model(model_id)
+    return ModelCard(id=model_id, created=server.started, max_model_len=server.max_model_len)
 
 
 @api_routes.post("/v1/completions", response_model=CompletionResponse, responses=_STREAMED)
@@ -393,10 +416,21 @@ async def create_completion(body: CompletionRequest, request: Request, server: S
     server.generations.check_size(len(raw_prompts), body.n)
     prompts = await server.encode(raw_prompts, "prompt")
     explicit = body.was_given("max_tokens")
-    max_tokens = server.max_tokens(body.max_tokens, explicit, prompts, "max_tokens")
+    # max_tokens 0 (the prompt's logprobs only) samples one token, which is left out.
+    generated = not (body.echo and explicit and body.max_tokens == 0)
+    limit = body.max_tokens if generated else 1
+    max_tokens = server.max_tokens(limit, explicit, prompts, "max_tokens")
     params = body.sampling_params(max_tokens, body.logprobs)
-    echoes = [_prompt_text(server, p) for p in raw_prompts] if body.echo else None
-    fmt = CompletionFormat(server.tokenizer, body.logprobs is not None, echoes)
+    params.prompt_logprobs = body.num_prompt_logprobs
+    params.validate()
+    echo = (
+        Echo([_prompt_text(server, p) for p in raw_prompts], prompts, generated)
+        if body.echo
+        else None
+    )
+    fmt = CompletionFormat(
+        server.tokenizer, body.logprobs is not None, echo, body.prompt_logprobs is not None
+    )
     transfer = await disagg.read_transfer(server, body)
     return await server.respond(request, body, "cmpl", prompts, params, fmt, transfer)
 
@@ -413,11 +447,13 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParameterError("top_logprobs", "top_logprobs needs logprobs: true")
     server.generations.check_size(1, body.n)
-    (prompt,) = await server.encode([await server.render_chat(body.messages)], "messages")
+    tools = body.tool_choice_mode
+    rendered = await server.render_chat(body.messages, body.tools if tools.mode != "none" else None)
+    (prompt,) = await server.encode([rendered], "messages")
     max_tokens = server.max_tokens(body.requested_max_tokens, True, [prompt], body.max_tokens_param)
     with _named_as({"max_tokens": body.max_tokens_param, "logprobs": "top_logprobs"}):
         params = body.sampling_params(max_tokens, body.num_logprobs)
-    fmt = ChatFormat(server.tokenizer, body.logprobs)
+    fmt = ChatFormat(server.tokenizer, body.logprobs, tools)
     transfer = await disagg.read_transfer(server, body)
     return await server.respond(request, body, "chatcmpl", [prompt], params, fmt, transfer)
 
@@ -429,10 +465,25 @@ async def tokenize(body: TokenizeRequest, server: Server) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidParameterError("prompt", "give either `prompt` or `messages`")
     if body.messages is not None:
-        tokens = await server.render_chat(body.messages)
+        function_names(body.tools)  # checked as a chat request's are
+        tokens = await server.render_chat(body.messages, body.tools)
     else:
         tokens = await server.tokenize(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=server.max_model_len, tokens=tokens)
+
+
+@api_routes.get("/tokenizer_info")
+async def tokenizer_info(server: Server) -> TokenizerInfoResponse:
+    """The tokenizer's special tokens and chat template, as vLLM's endpoint gives them: what
+    lm-evaluation-harness's `remote` tokenizer reads, beside /tokenize and /detokenize."""
+    names = server.tokenizer.special_token_names()
+    return TokenizerInfoResponse(
+        eos_token=names.get("eos_token"),
+        bos_token=names.get("bos_token"),
+        pad_token=names.get("pad_token"),
+        chat_template=server.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,
+        model_max_length=server.max_model_len,
+    )
 
 
 @api_routes.post("/detokenize")

@@ -7,16 +7,20 @@ than silently return something other than what the client asked for.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.server.tools import ToolChoice, tool_choice
+from sluice.server.tools import constraint as tool_constraint
+from sluice.structured.spec import StructuredOutput
 
 # Where sampling settings reach torch as int64 without a range check of their own.
 _INT64 = {"ge": -(2**63), "lt": 2**63}
 
-FinishReasonName = Literal["stop", "length", "abort"]
+FinishReasonName = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def _prompt_form(value: Any) -> str | None:
@@ -65,8 +69,22 @@ class RequestModel(APIModel):
 # ---- requests ----------------------------------------------------------------------------------
 
 
+def _omit_none(value: object) -> bool:
+    return value is None
+
+
 class StreamOptions(APIModel):
     include_usage: bool = False
+
+
+class StructuredOutputs(APIModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class GenerationRequest(RequestModel):
@@ -96,10 +114,38 @@ class GenerationRequest(RequestModel):
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each feature asked for that would change the result but that sluice lacks."""
-        return [("logit_bias", "sluice has no logit biasing")] if self.logit_bias else []
+        return []
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint asked for (InvalidParameterError if several are)."""
+        found = [
+            *_constraints(self.structured_outputs, "structured_outputs"),
+            *_constraints(self, "guided", "guided_"),
+        ]
+        if len(found) > 1:
+            names = ", ".join(spec.param for spec in found)
+            raise InvalidParameterError(found[1].param, f"give one output constraint, got {names}")
+        return found[0] if found else None
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys (token ids as JSON strings, as OpenAI takes them) as ints."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidParameterError(
+                    "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
+                )
+            biases[int(key)] = bias
+        return biases
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises InvalidParameterError, named as SamplingParams names it, for a value out of range."""
@@ -119,6 +165,8 @@ class GenerationRequest(RequestModel):
             min_tokens=self.min_tokens,
             logprobs=logprobs,
             speculative=self.speculative,
+            logit_bias=self.token_biases(),
+            structured=self.structured_output(),
         )
 
     @property
@@ -134,6 +182,7 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = 16  # OpenAI's default; chat's is whatever room the context leaves
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's
     suffix: str | None = None
     best_of: int | None = None
 
@@ -151,27 +200,55 @@ class CompletionRequest(GenerationRequest):
             found.append(("suffix", "sluice does not fill in the middle"))
         if self.best_of is not None and self.best_of > self.n:
             found.append(("best_of", "sluice returns every sample it draws; use n"))
-        if self.echo and self.logprobs is not None:
-            found.append(("echo", "sluice has no prompt logprobs to echo with logprobs"))
         return found
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: what echo with logprobs, or vLLM's field, wants."""
+        echoed = self.logprobs if self.echo else None
+        wanted = [n for n in (echoed, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
 
 class ContentPart(APIModel):
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(
+                f"content parts of type {self.type!r} are not supported: sluice serves text "
+                "models, send parts of type 'text'"
+            )
+        return self
+
+
+class FunctionCall(APIModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(APIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(APIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's past calls
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
     @property
     def num_chars(self) -> int:
         """Characters of content: the prompt rendered from this message holds at least these."""
+        calls = sum(len(c.function.arguments) for c in self.tool_calls or [])
         if isinstance(self.content, list):
-            return sum(len(part.text) for part in self.content)
-        return len(self.content or "")
+            return calls + sum(len(part.text) for part in self.content)
+        return calls + len(self.content or "")
 
     def for_template(self) -> dict[str, Any]:
         # Chat templates know "system"; "developer" is OpenAI's newer name for it.
@@ -181,8 +258,29 @@ class ChatMessage(APIModel):
         return message
 
 
+class JSONSchemaFormat(APIModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(APIModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput("json_object", param="response_format")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidParameterError(
+                    "response_format.json_schema",
+                    "response_format of type json_schema needs a `json_schema`",
+                )
+            schema = json.dumps(self.json_schema.schema_)
+            return StructuredOutput("json_schema", schema, "response_format.json_schema")
+        return None
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -216,19 +314,59 @@ class ChatCompletionRequest(GenerationRequest):
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        no_tools = "sluice does not call tools yet"
-        if self.tools or self.functions:
-            found.append(("tools" if self.tools else "functions", no_tools))
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            found.append(("tool_choice" if self.tool_choice else "function_call", no_tools))
-        if self.response_format is not None and self.response_format.type != "text":
-            found.append(
-                (
-                    "response_format",
-                    "sluice has no grammar-constrained decoding yet, so it cannot promise JSON",
-                )
-            )
+        deprecated = "sluice takes OpenAI's newer `tools` and `tool_choice`"
+        if self.functions:
+            found.append(("functions", deprecated))
+        if self.function_call not in (None, "none"):
+            found.append(("function_call", deprecated))
         return found
+
+    @property
+    def tool_choice_mode(self) -> ToolChoice:
+        return tool_choice(self.tool_choice, self.tools)
+
+    def structured_output(self) -> StructuredOutput | None:
+        if (for_tools := tool_constraint(self.tool_choice_mode, self.tools)) is not None:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise InvalidParameterError(
+                    "response_format", "response_format cannot go with a required tool call"
+                )
+            return for_tools
+        extension = super().structured_output()
+        if (
+            self.response_format is None
+            or (wanted := self.response_format.structured_output()) is None
+        ):
+            return extension
+        if extension is not None:
+            raise InvalidParameterError(
+                extension.param, f"give either response_format or {extension.param}, not both"
+            )
+        return wanted
+
+
+def _constraints(source: object, param: str, prefix: str = "") -> list[StructuredOutput]:
+    """The constraints set on `source` (`structured_outputs`, or a request's `guided_*`)."""
+    if source is None:
+        return []
+    found = []
+    for field, kind in (
+        ("json", "json_schema"),
+        ("regex", "regex"),
+        ("choice", "choice"),
+        ("grammar", "grammar"),
+    ):
+        value = getattr(source, prefix + field if prefix or field != "json" else "json_", None)
+        if value is None:
+            continue
+        name = f"{param}_{field}" if prefix else f"{param}.{field}"
+        if kind == "choice" and not value:
+            raise InvalidParameterError(name, f"{name} must list at least one choice")
+        text = value if isinstance(value, str) and kind != "choice" else json.dumps(value)
+        found.append(StructuredOutput(kind, text, name))
+    if getattr(source, "json_object", None):
+        found.append(StructuredOutput("json_object", param=f"{param}.json_object"))
+    return found
 
 
 class TokenizeRequest(RequestModel):
@@ -237,6 +375,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # offered with `messages`, as in a chat request
     add_special_tokens: bool = True  # for `prompt`; a chat template writes its own
 
 
@@ -260,10 +399,17 @@ class Usage(APIModel):
 
 
 class CompletionLogprobs(APIModel):
+    """An echoed prompt's first token has null logprobs: nothing comes before it."""
+
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(APIModel):
+    logprob: float
+    decoded_token: str
 
 
 class CompletionChoice(APIModel):
@@ -271,6 +417,10 @@ class CompletionChoice(APIModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonName | None = None
+    # vLLM's: per prompt token, its own and the top alternatives' logprobs (null for the first).
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, exclude_if=_omit_none
+    )
 
 
 def _omit_none(value: object) -> bool:
@@ -307,7 +457,8 @@ class ChatLogprobs(APIModel):
 
 class AssistantMessage(APIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(APIModel):
@@ -327,11 +478,21 @@ class ChatCompletionResponse(APIModel):
     kv_transfer_params: dict[str, Any] | None = Field(None, exclude_if=_omit_none)
 
 
+class DeltaToolCall(APIModel):
+    """A streamed call: sent whole, in one delta (the name and all of the arguments)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Delta(APIModel):
     """The role comes in a choice's first chunk only, so absent fields are left out, not null."""
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(APIModel):
@@ -367,6 +528,15 @@ class TokenizeResponse(APIModel):
     count: int
     max_model_len: int
     tokens: list[int]
+
+
+class TokenizerInfoResponse(APIModel):
+    tokenizer_class: str = "sluice"
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str
+    model_max_length: int
 
 
 class DetokenizeResponse(APIModel):

@@ -34,10 +34,15 @@ from sluice.server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     Delta,
+    DeltaToolCall,
+    FunctionCall,
+    PromptLogprob,
     PromptTokensDetails,
+    ToolCall,
     TopLogprob,
     Usage,
 )
+from sluice.server.tools import NO_TOOLS, CallStream, ParsedCall, ToolChoice, parse_calls
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class ResponseMeta:
 
 class ChoiceFormat(ABC):
     """How one API shapes its choices. Chunk methods see one output's news for one choice."""
+
+    counts_completion = True  # whether generated tokens count in usage (not for max_tokens 0)
 
     def __init__(self, tokenizer: Tokenizer, with_logprobs: bool) -> None:
         self.tokenizer = tokenizer
@@ -82,22 +89,47 @@ class ChoiceFormat(ABC):
         return ""
 
 
+@dataclass(frozen=True)
+class Echo:
+    """Completions' `echo`: each prompt's text and token ids go before its choices' output;
+    with `logprobs`, the prompt tokens' logprobs too. `generated`: False for `max_tokens` 0,
+    whose one token (sampled with the prompt's logprobs) is left out."""
+
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    generated: bool = True
+
+
 class CompletionFormat(ChoiceFormat):
-    def __init__(self, tokenizer: Tokenizer, with_logprobs: bool, echoes: list[str] | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        with_logprobs: bool,
+        echo: Echo | None = None,
+        with_prompt_logprobs: bool = False,
+    ) -> None:
+        """`with_prompt_logprobs`: vLLM's `prompt_logprobs` field in each choice."""
         super().__init__(tokenizer, with_logprobs)
-        self._echoes = echoes  # per prompt, when the prompt is to be echoed
+        self._echo = echo
+        self._with_prompt_logprobs = with_prompt_logprobs
         self._text_offsets: dict[int, int] = defaultdict(int)  # per choice, across chunks
+        self.counts_completion = echo is None or echo.generated
 
     def prefix(self, meta: ResponseMeta, choice: int) -> str:
-        return self._echoes[choice // meta.n] if self._echoes else ""
+        return self._echo.texts[choice // meta.n] if self._echo else ""
 
     def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel:
         out = item.output
+        if not self.counts_completion:  # max_tokens 0: the prompt alone, in the first chunk
+            text = text[: len(self.prefix(meta, item.choice))] if out.prompt_logprobs else ""
         choice = CompletionChoice(
             index=item.choice,
             text=text,
-            logprobs=self._logprobs(item.choice, out.logprobs),
+            logprobs=self._logprobs(
+                item.choice, out.logprobs, self._prompt(item.prompt, out.prompt_logprobs)
+            ),
             finish_reason=_finish_reason(out),
+            prompt_logprobs=self._vllm_prompt_logprobs(item.prompt, out.prompt_logprobs),
         )
         return CompletionResponse(
             id=meta.id, created=meta.created, model=meta.model, choices=[choice]
@@ -113,33 +145,75 @@ class CompletionFormat(ChoiceFormat):
             id=meta.id,
             created=meta.created,
             model=meta.model,
-            choices=[
-                CompletionChoice(
-                    index=c.index,
-                    text=c.text,
-                    logprobs=self._logprobs(c.index, c.logprobs),
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._choice(meta, c) for c in choices],
             usage=usage,
         )
 
-    def _logprobs(self, choice: int, logprobs: list[TokenLogprob]) -> CompletionLogprobs | None:
+    def _choice(self, meta: ResponseMeta, c: Completion) -> CompletionChoice:
+        prompt = c.index // meta.n
+        text = c.text if self.counts_completion else self.prefix(meta, c.index)
+        return CompletionChoice(
+            index=c.index,
+            text=text,
+            logprobs=self._logprobs(c.index, c.logprobs, self._prompt(prompt, c.prompt_logprobs)),
+            finish_reason=c.finish_reason,
+            prompt_logprobs=self._vllm_prompt_logprobs(prompt, c.prompt_logprobs),
+        )
+
+    def _prompt(
+        self, prompt: int, prompt_logprobs: list[TokenLogprob] | None
+    ) -> list[TokenLogprob | None]:
+        """The echoed prompt's entries: None for its first token, which nothing predicts."""
+        if self._echo is None or prompt_logprobs is None:
+            return []
+        return [TokenLogprob(self._echo.prompt_ids[prompt][0], None, []), *prompt_logprobs]
+
+    def _vllm_prompt_logprobs(
+        self, prompt: int, prompt_logprobs: list[TokenLogprob] | None
+    ) -> list[dict[str, PromptLogprob] | None] | None:
+        if not self._with_prompt_logprobs or prompt_logprobs is None:
+            return None
+        return [None] + [
+            {
+                str(t): PromptLogprob(logprob=v, decoded_token=self.tokenizer.id_to_token(t))
+                for t, v in [(lp.token_id, lp.logprob), *lp.top]
+            }
+            for lp in prompt_logprobs
+        ]
+
+    def _logprobs(
+        self, choice: int, logprobs: list[TokenLogprob], prompt: list[TokenLogprob]
+    ) -> CompletionLogprobs | None:
         if not self.with_logprobs:
             return None
         shaped = CompletionLogprobs()
-        for lp in logprobs:
-            token = self.tokenizer.id_to_token(lp.token_id)
-            shaped.tokens.append(token)
+        for lp in prompt + (logprobs if self.counts_completion else []):
+            shaped.tokens.append(self._token_name(lp.token_id))
             shaped.token_logprobs.append(lp.logprob)
-            shaped.top_logprobs.append({self.tokenizer.id_to_token(t): v for t, v in lp.top})
+            top = {self._token_name(t): v for t, v in lp.top}
+            shaped.top_logprobs.append(top if lp.logprob is not None else None)
             shaped.text_offset.append(self._text_offsets[choice])
-            self._text_offsets[choice] += len(token)
+            self._text_offsets[choice] += len(self.tokenizer.id_to_token(lp.token_id))
         return shaped
+
+    def _token_name(self, token_id: int) -> str:
+        """The token's text; as OpenAI names it, `bytes:\\xNN...` for one holding part of a
+        character, so that the names joined (bytes decoded) rebuild the text."""
+        token_bytes = self.tokenizer.token_bytes(token_id)
+        try:
+            return token_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in token_bytes)
 
 
 class ChatFormat(ChoiceFormat):
+    def __init__(
+        self, tokenizer: Tokenizer, with_logprobs: bool, tools: ToolChoice = NO_TOOLS
+    ) -> None:
+        super().__init__(tokenizer, with_logprobs)
+        self._tools = tools
+        self._calls: dict[int, CallStream] = {}  # per streamed choice
+
     def opening_chunk(self, meta: ResponseMeta) -> BaseModel:
         # OpenAI's first chunk of each choice carries the role, before any content.
         choices = [
@@ -152,11 +226,20 @@ class ChatFormat(ChoiceFormat):
 
     def chunk(self, meta: ResponseMeta, item: ChoiceOutput, text: str) -> BaseModel:
         out = item.output
+        stream = self._calls.setdefault(item.choice, CallStream(self._tools))
+        first_call = stream.num_calls
+        content, calls = stream.feed(text, out.finished)
+        delta_calls = [
+            DeltaToolCall(index=first_call + i, id=c.id, function=_function(c))
+            for i, c in enumerate(calls)
+        ]
         choice = ChatChunkChoice(
             index=item.choice,
-            delta=Delta(content=text),
+            delta=Delta(
+                content=content or None if delta_calls else content, tool_calls=delta_calls or None
+            ),
             logprobs=self._logprobs(out.logprobs),
-            finish_reason=_finish_reason(out),
+            finish_reason=_with_calls(_finish_reason(out), stream.num_calls),
         )
         return ChatCompletionChunk(
             id=meta.id, created=meta.created, model=meta.model, choices=[choice]
@@ -172,16 +255,21 @@ class ChatFormat(ChoiceFormat):
             id=meta.id,
             created=meta.created,
             model=meta.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=AssistantMessage(content=c.text),
-                    logprobs=self._logprobs(c.logprobs),
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._choice(c) for c in choices],
             usage=usage,
+        )
+
+    def _choice(self, completion: Completion) -> ChatChoice:
+        content, calls = parse_calls(completion.text, self._tools)
+        message = AssistantMessage(
+            content=content,
+            tool_calls=[ToolCall(id=c.id, function=_function(c)) for c in calls] or None,
+        )
+        return ChatChoice(
+            index=completion.index,
+            message=message,
+            logprobs=self._logprobs(completion.logprobs),
+            finish_reason=_with_calls(completion.finish_reason, len(calls)),
         )
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
@@ -213,8 +301,9 @@ class UsageCounter:
         self._completion_tokens = 0
         self._cached_tokens: dict[int, int] = {}  # per prompt, as its first sample found it
 
-    def add(self, item: ChoiceOutput) -> None:
-        self._completion_tokens += len(item.output.new_token_ids)
+    def add(self, item: ChoiceOutput, counts_completion: bool = True) -> None:
+        if counts_completion:
+            self._completion_tokens += len(item.output.new_token_ids)
         if item.output.index == 0:
             self._cached_tokens[item.prompt] = item.output.num_cached_tokens
 
@@ -239,7 +328,7 @@ async def stream_events(
         yield _event(opening)
     try:
         async for item in generation:
-            usage.add(item)
+            usage.add(item, fmt.counts_completion)
             text = item.output.new_text
             if item.choice not in started:
                 started.add(item.choice)
@@ -262,13 +351,22 @@ async def collect(generation: Generation, fmt: ChoiceFormat, meta: ResponseMeta)
     choices = [Completion(index, fmt.prefix(meta, index)) for index in range(meta.num_choices)]
     kv_transfer_params = None
     async for item in generation:
-        usage.add(item)
+        usage.add(item, fmt.counts_completion)
         choices[item.choice].add(item.output)
         kv_transfer_params = item.output.kv_transfer_params or kv_transfer_params
     response = fmt.response(meta, choices, usage.usage())
     if kv_transfer_params is not None:
         response.kv_transfer_params = kv_transfer_params
     return response
+
+
+def _function(call: ParsedCall) -> FunctionCall:
+    return FunctionCall(name=call.name, arguments=call.arguments)
+
+
+def _with_calls(finish_reason: str | None, num_calls: int) -> str | None:
+    """A choice that stopped after calling tools finished with `tool_calls`, as at OpenAI."""
+    return "tool_calls" if finish_reason == "stop" and num_calls else finish_reason
 
 
 def _finish_reason(out: RequestOutput) -> str | None:

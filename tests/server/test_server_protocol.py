@@ -48,16 +48,13 @@ def test_unsupported_features_are_named():
     request = ChatCompletionRequest.model_validate(
         {
             "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"type": "function"}],
+            "functions": [{"name": "f"}],
+            "function_call": "auto",
             "response_format": {"type": "json_object"},
             "logit_bias": {"1": 2},
         }
     )
-    assert [param for param, _ in request.unsupported()] == [
-        "logit_bias",
-        "tools",
-        "response_format",
-    ]
+    assert [param for param, _ in request.unsupported()] == ["functions", "function_call"]
     harmless = {"messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "none"}
     assert ChatCompletionRequest.model_validate(harmless).unsupported() == []
 
