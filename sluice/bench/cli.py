@@ -1,5 +1,5 @@
-"""`sluice bench {offline,latency,serve,prefix-cache,speculative}`: the benchmarks' command line.
-"""`sluice bench {offline,latency,serve,prefix-cache,structured}`: the benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,structured}`: the
+benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
