@@ -92,19 +92,17 @@ def test_multiple_choice_accuracy_equals_in_process_scoring(evaluated: dict, llm
     assert accuracy >= 0.5  # the default model knows most of these (chance is 0.25)
 
 
-@pytest.mark.xfail(
-    reason="lm-eval's rolling windows score 0.3-2.4 nats off the in-process sum: their prefix "
-    "or tokenization is not yet reproduced here (issue #21)",
-    strict=True,
-)
 def test_perplexity_equals_in_process_scoring(evaluated: dict, llm: LLM):
     samples = evaluated["samples"]["sluice_ppl"]
-    # lm-eval's rolling windows start at the EOT token, which it reads from /tokenizer_info.
-    eos_text = llm.tokenizer.special_token_names()["eos_token"]
-    [eos] = llm.tokenizer.encode(eos_text, add_special_tokens=False)
+    # lm-eval's rolling windows start at a prefix token: with the remote tokenizer, the BOS token
+    # /tokenizer_info names (its id, if not 0), else the EOS token.
+    names = llm.tokenizer.special_token_names()
+    [bos] = llm.tokenizer.encode(names["bos_token"], add_special_tokens=False)
+    [eos] = llm.tokenizer.encode(names["eos_token"], add_special_tokens=False)
+    prefix = bos or eos
     texts = [sample["doc"]["text"] for sample in samples]
     ours = sequence_logprobs(
-        llm, [([eos], llm.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+        llm, [([prefix], llm.tokenizer.encode(text, add_special_tokens=False)) for text in texts]
     )
     assert [sample["resps"][0][0] for sample in samples] == pytest.approx(ours, abs=1e-3)
     words = sum(len(text.split()) for text in texts)
