@@ -58,6 +58,19 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         default=compile_default,
         help="run steps through torch.compile (compiled at start, ~90 s, then cached)",
     )
+    group.add_argument(
+        "--sparsity",
+        default=None,
+        metavar="PROFILE",
+        help="decode with activation-sparse MLPs per this `sluice calibrate-sparsity` profile",
+    )
+    group.add_argument(
+        "--sparsity-rule",
+        default="auto",
+        choices=["auto", "threshold", "predictor", "topk"],
+        help="how a decode token's neurons are chosen (auto: predictor where the profile has "
+        "predictors, else threshold)",
+    )
 
 
 ENGINE_OPTIONS = (
@@ -75,6 +88,8 @@ ENGINE_OPTIONS = (
     "max_num_seqs",
     "threads",
     "compile",
+    "sparsity",
+    "sparsity_rule",
 )
 SAMPLING_OPTIONS = (
     "max_tokens",
@@ -266,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice.bench.cli import add_bench_parser  # here: it imports this module
 
     add_bench_parser(sub)
+    from sluice.sparse.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return parser
 
 

@@ -167,6 +167,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
+    sparsity: str | None = None  # a `sluice calibrate-sparsity` profile: sparse decode MLPs
+    sparsity_rule: str = "auto"  # auto, threshold, predictor, topk (see sparse/decoding.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -196,6 +198,8 @@ class EngineConfig:
         num_state_slots: int | None = None,
         threads: int | None = None,
         compile: bool = True,
+        sparsity: str | None = None,
+        sparsity_rule: str = "auto",
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -206,6 +210,8 @@ class EngineConfig:
             max_model_len=max_model_len,
             threads=threads,
             compile=compile,
+            sparsity=sparsity,
+            sparsity_rule=sparsity_rule,
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),

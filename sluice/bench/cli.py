@@ -22,6 +22,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_latency(kinds)
     _add_serve(kinds)
     _add_prefix_cache(kinds)
+    _add_sparsity(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -158,3 +159,29 @@ def _add_prefix_cache(kinds: argparse._SubParsersAction) -> None:
     )
     _add_common(prefix)
     prefix.set_defaults(func=_runner("prefix_cache"))
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
+def _add_sparsity(kinds: argparse._SubParsersAction) -> None:
+    sparsity = kinds.add_parser(
+        "sparsity", help="activation-sparse decoding: decode speed against perplexity"
+    )
+    sparsity.add_argument("--cett", type=_float_list, default=[0.05, 0.1, 0.2, 0.3])
+    sparsity.add_argument(
+        "--rules", type=lambda t: t.split(","), default=["threshold", "predictor"]
+    )
+    sparsity.add_argument("--predictor-rank", type=_POSITIVE, default=16)
+    sparsity.add_argument("--calibration-tokens", type=_POSITIVE, default=2048)
+    sparsity.add_argument("--eval-tokens", type=_POSITIVE, default=4096)
+    sparsity.add_argument("--decode-tokens", type=_int_at_least(2), default=64)
+    sparsity.add_argument("--rounds", type=_POSITIVE, default=3, help="interleaved speed rounds")
+    sparsity.add_argument(
+        "--profiles", default="sparsity-profiles", help="folder of profiles (made if missing)"
+    )
+    sparsity.add_argument("--plot", default=None, metavar="PATH.png")
+    _add_common(sparsity)
+    add_engine_args(sparsity)
+    sparsity.set_defaults(func=_runner("sparsity"))

@@ -18,6 +18,8 @@ from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import InvalidParameterError, SamplingParams
+from sluice.sparse.decoding import SparseDecoding
+from sluice.sparse.profile import SparsityProfile
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Engine:
             loaded.tokenizer.eos_token_ids,
             self.state_pool,
             config.compile,
+            _sparse_decoding(config, loaded),
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -261,3 +264,17 @@ def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sparse_decoding(config: EngineConfig, loaded: LoadedModel) -> SparseDecoding | None:
+    if config.sparsity is None:
+        return None
+    profile = SparsityProfile.load(config.sparsity)
+    sparse = SparseDecoding(loaded.model, profile, config.sparsity_rule)
+    logger.info(
+        "sparse decoding (%s): mean calibrated sparsity %.0f%% at CETT %g",
+        sparse.rule,
+        100 * profile.mean_sparsity,
+        profile.target_cett,
+    )
+    return sparse

@@ -22,6 +22,7 @@ from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 from sluice.sampling_params import SamplingParams
+from sluice.sparse.decoding import SparseDecoding
 
 
 def allocate_state(
@@ -53,8 +54,10 @@ class ModelRunner:
         eos_token_ids: frozenset[int] = frozenset(),
         state_pool: StatePool | None = None,
         compile: bool = False,
+        sparse: SparseDecoding | None = None,
     ) -> None:
         self.model = model
+        self.sparse = sparse
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
@@ -69,7 +72,9 @@ class ModelRunner:
         )
         head_dim = model.config.head_dim
         self.compiled_step = (
-            compiled_step(model, self.kv_cache, select_backend(head_dim, device, compiled=True))
+            compiled_step(
+                model, self.kv_cache, select_backend(head_dim, device, compiled=True), sparse
+            )
             if compile
             else None
         )
@@ -113,6 +118,7 @@ class ModelRunner:
             self.device,
             self.state_cache,
             state_slots,
+            self.sparse,
         )
 
     def _prepare_inputs(self, step: StepInput) -> tuple[torch.Tensor, ForwardContext]:

@@ -22,6 +22,7 @@ from prometheus_client import (
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import FinishReason
+from sluice.sparse.decoding import SparseDecoding
 
 # Seconds; wide enough for a laptop CPU at the top and a GPU at the bottom.
 _LATENCY_BUCKETS = (
@@ -132,6 +133,32 @@ class ServerMetrics:
             gauges += _state_gauges(engine)
         for name, documentation, read in gauges:
             Gauge(f"sluice:{name}", documentation, registry=self.registry).set_function(read)
+        sparse = getattr(engine.executor, "sparse", None)
+        if sparse is not None:
+            self._sparse_gauges(sparse)
+
+    def _sparse_gauges(self, sparse: SparseDecoding) -> None:
+        """Per MLP layer: the share of neurons sparse decodes skipped so far (read at scrape
+        time), and the predictor's recall on held-out calibration tokens."""
+        skipped = Gauge(
+            "sluice:sparse_mlp_sparsity",
+            "Share of MLP neurons skipped by sparse decodes so far, per layer.",
+            ["layer"],
+            registry=self.registry,
+        )
+        recall = Gauge(
+            "sluice:sparse_predictor_recall",
+            "Recall of the layer's active-neuron predictor on held-out calibration tokens.",
+            ["layer"],
+            registry=self.registry,
+        )
+        for i in range(len(sparse.layers)):
+            skipped.labels(layer=str(i)).set_function(
+                lambda i=i: sparse.layer_stats()[i]["sparsity"]
+            )
+            quality = sparse.profile.layers[i].predictor
+            if sparse.rule == "predictor" and quality is not None:
+                recall.labels(layer=str(i)).set(quality.recall)
 
     def _counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
         return Counter(f"sluice:{name}", documentation, labels or [], registry=self.registry)
