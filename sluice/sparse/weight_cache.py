@@ -32,7 +32,7 @@ class WeightCache:
         held = self.neuron_at[: self.size]
         # the slots below the new size that need a neuron: left by a leaving one, or new
         left = self.slot_of[cached & ~wanted]
-        targets = torch.cat([left[left < size], torch.arange(self.size, size)])
+        targets = torch.cat([left[left < size], torch.arange(self.size, max(self.size, size))])
         # what fills them: neurons kept but sitting at or past the new size, then entering ones
         movers = held[size:][wanted[held[size:]]]
         entering = torch.nonzero(wanted & ~cached).flatten()
