@@ -32,6 +32,15 @@ from sluice.sparse.decoding import SparseDecoding
 from sluice.sparse.profile import SparsityProfile
 
 DENSE = ("dense", 0.0)
+CACHED = "+cache"  # a rule's name with this suffix runs with the weight cache
+
+
+def _rule(name: str) -> str:
+    return name.removesuffix(CACHED)
+
+
+def _decoding(loaded: LoadedModel, profile: SparsityProfile, name: str) -> SparseDecoding:
+    return SparseDecoding(loaded.model, profile, _rule(name), weight_cache=name.endswith(CACHED))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -47,7 +56,12 @@ def main(args: argparse.Namespace) -> int:
     evaluation = ids[args.calibration_tokens : args.calibration_tokens + args.eval_tokens]
     profiles = {cett: _profile(loaded, calibration, cett, args) for cett in args.cett}
     settings = [DENSE] + [(rule, cett) for cett in args.cett for rule in args.rules]
-    quality = {s: _quality(loaded, evaluation, profiles, s) for s in settings}
+    quality: dict[tuple, tuple[float, list[dict]]] = {}
+    for rule, cett in settings:  # the weight cache moves weights, it changes no result
+        same = (_rule(rule), cett)
+        if same not in quality:
+            quality[same] = _quality(loaded, evaluation, profiles, same)
+        quality[(rule, cett)] = quality[same]
     speeds = _interleaved_speeds(loaded, base, profiles, settings, args)
     dense_ppl, dense_speed = quality[DENSE][0], _mean(speeds[DENSE])
     records = []
@@ -98,7 +112,7 @@ def _quality(loaded, evaluation, profiles, setting) -> tuple[float, list[dict]]:
     if setting == DENSE:
         return perplexity(loaded, evaluation), []
     print(f"perplexity, {rule} at CETT {cett:g}", file=sys.stderr)
-    sparse = SparseDecoding(loaded.model, profiles[cett], rule)
+    sparse = _decoding(loaded, profiles[cett], rule)
     return perplexity(loaded, evaluation, sparse=sparse), sparse.layer_stats()
 
 
@@ -107,9 +121,12 @@ def _interleaved_speeds(loaded, base, profiles, settings, args) -> dict[tuple, l
     for rule, cett in settings:
         options = {}
         if (rule, cett) != DENSE:
-            options = {"sparsity": str(_profile_path(args, cett)), "sparsity_rule": rule}
+            options = {"sparsity": str(_profile_path(args, cett)), "sparsity_rule": _rule(rule)}
         config = EngineConfig.create(**{**engine_kwargs(args), **options})
-        llms[(rule, cett)] = LLM.from_engine(Engine(config, loaded=loaded))
+        engine = Engine(config, loaded=loaded)
+        if rule.endswith(CACHED):
+            engine.executor.sparse = _decoding(loaded, profiles[cett], rule)
+        llms[(rule, cett)] = LLM.from_engine(engine)
     prompt = loaded.tokenizer.encode("Write a short story about a lighthouse keeper.")
     speeds: dict[tuple, list[float]] = {s: [] for s in settings}
     for round_ in range(args.rounds):

@@ -14,6 +14,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SLUICE_AVX2 1
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -26,6 +30,61 @@ constexpr int64_t kHalf = kGroup / 2;
 // Outputs per task of the down projection: 2 groups, 16 float accumulators a lane-row.
 constexpr int64_t kTile = 64;
 
+#ifdef SLUICE_AVX2
+// 8 codes (bytes 0..7 of `codes`, values 0..15) as floats.
+inline __m256 codes_to_floats(__m128i codes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+}
+
+// A group's 16 bytes as its 32 codes in order: element b in the low nibble of byte b,
+// element 16 + b in the high one.
+inline void unpack_group(const uint8_t* bytes, __m256 out[4]) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(15));
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+  out[0] = codes_to_floats(low);
+  out[1] = codes_to_floats(_mm_srli_si128(low, 8));
+  out[2] = codes_to_floats(high);
+  out[3] = codes_to_floats(_mm_srli_si128(high, 8));
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+float row_dot(const float* x, const float* group_sums, const uint8_t* codes,
+              const float* scale_offset, int64_t inputs) {
+  __m256 total = _mm256_setzero_ps();
+  float offsets = 0.0f;
+  for (int64_t g = 0; g < inputs / kGroup; ++g) {
+    __m256 c[4];
+    unpack_group(codes + g * kHalf, c);
+    const float* xg = x + g * kGroup;
+    __m256 dot = _mm256_mul_ps(c[0], _mm256_loadu_ps(xg));
+    dot = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xg + 8), dot);
+    dot = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xg + 16), dot);
+    dot = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xg + 24), dot);
+    total = _mm256_fmadd_ps(_mm256_set1_ps(scale_offset[2 * g]), dot, total);
+    offsets += scale_offset[2 * g + 1] * group_sums[g];
+  }
+  return horizontal_sum(total) + offsets;
+}
+
+// acc[0..8) (64 outputs) += h * scale[0..64) * the 64 codes at `codes` (two groups).
+inline void add_column_tile(const uint8_t* codes, const float* scale, float h, __m256 acc[8]) {
+  const __m256 hv = _mm256_set1_ps(h);
+  for (int q = 0; q < 2; ++q) {
+    __m256 c[4];
+    unpack_group(codes + q * kHalf, c);
+    for (int v = 0; v < 4; ++v) {
+      const __m256 hs = _mm256_mul_ps(hv, _mm256_loadu_ps(scale + q * kGroup + 8 * v));
+      acc[4 * q + v] = _mm256_fmadd_ps(hs, c[v], acc[4 * q + v]);
+    }
+  }
+}
+#else
 // The dot product of x with one stored row of `inputs` 4-bit weights.
 float row_dot(const float* x, const float* group_sums, const uint8_t* codes,
               const float* scale_offset, int64_t inputs) {
@@ -45,6 +104,18 @@ float row_dot(const float* x, const float* group_sums, const uint8_t* codes,
   for (int64_t b = 0; b < kHalf; ++b) total += acc[b];
   return total;
 }
+
+void add_column_tile(const uint8_t* c, const float* s, float hk, float acc[kTile]) {
+  for (int64_t q = 0; q < kTile / kGroup; ++q) {
+#pragma omp simd
+    for (int64_t b = 0; b < kHalf; ++b) {
+      const uint8_t byte = c[q * kHalf + b];
+      acc[q * kGroup + b] += hk * s[q * kGroup + b] * static_cast<float>(byte & 15);
+      acc[q * kGroup + kHalf + b] += hk * s[q * kGroup + kHalf + b] * static_cast<float>(byte >> 4);
+    }
+  }
+}
+#endif
 
 at::Tensor gathered_gate_up(const at::Tensor& x, const at::Tensor& codes,
                             const at::Tensor& scale_offset, const at::Tensor& rows,
@@ -103,22 +174,23 @@ at::Tensor gathered_down(const at::Tensor& h, const at::Tensor& codes, const at:
   at::parallel_for(0, hidden / kTile, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t first = t * kTile;
-      float acc[kTile] = {};
+#ifdef SLUICE_AVX2
+      __m256 tile[8];
+      for (auto& v : tile) v = _mm256_setzero_ps();
+#else
+      float tile[kTile] = {};
+#endif
       for (int64_t k = 0; k < n; ++k) {
-        const float hk = hp[k];
-        if (hk == 0.0f) continue;
-        const uint8_t* c = cp + rp[k] * (hidden / 2) + first / 2;
-        const float* s = sp + gp[k] * hidden + first;
-        for (int64_t q = 0; q < kTile / kGroup; ++q) {
-#pragma omp simd
-          for (int64_t b = 0; b < kHalf; ++b) {
-            const uint8_t byte = c[q * kHalf + b];
-            acc[q * kGroup + b] += hk * s[q * kGroup + b] * static_cast<float>(byte & 15);
-            acc[q * kGroup + kHalf + b] +=
-                hk * s[q * kGroup + kHalf + b] * static_cast<float>(byte >> 4);
-          }
-        }
+        if (hp[k] == 0.0f) continue;
+        add_column_tile(cp + rp[k] * (hidden / 2) + first / 2, sp + gp[k] * hidden + first, hp[k],
+                        tile);
       }
+      float acc[kTile];
+#ifdef SLUICE_AVX2
+      for (int v = 0; v < 8; ++v) _mm256_storeu_ps(acc + 8 * v, tile[v]);
+#else
+      for (int64_t i = 0; i < kTile; ++i) acc[i] = tile[i];
+#endif
       for (int64_t g = 0; g < num_groups; ++g) {
         if (group_h[g] == 0.0f) continue;
         const float* o = op + g * hidden + first;

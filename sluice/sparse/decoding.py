@@ -57,7 +57,7 @@ class SparseDecoding:
         model: torch.nn.Module,
         profile: SparsityProfile,
         rule: Rule = "auto",
-        weight_cache: bool = True,
+        weight_cache: bool = False,
         max_rows: int = DEFAULT_MAX_ROWS,
     ) -> None:
         mlps = sparse_mlps(model)
@@ -108,22 +108,25 @@ class SparseDecoding:
 
     def _row(self, layer: SparseLayer, x: Tensor) -> Tensor:
         if self.rule == "predictor":
-            neurons = layer.predictor.active(x)
-            tensors, rows, neurons = self._placed(layer, neurons)
+            tensors, rows, neurons = self._placed(layer, layer.predictor.active(x))
             h = layer.store.gate_up(x, tensors, rows, layer.threshold)
             layer.kept += int(torch.count_nonzero(h))
         else:
-            gate, up = layer.mlp.gate_up_proj(x.unsqueeze(0)).float().squeeze(0).chunk(2)
-            h = F.silu(gate) * up
-            if self.rule == "topk":
-                keep = statistical_top_k_mask(gate, layer.keep_fraction)
-            else:
-                keep = h.abs() > layer.threshold
+            h, keep = self._dense_activations(layer, x)
             tensors, rows, neurons = self._placed(layer, torch.nonzero(keep).flatten())
             h = h[neurons]
             layer.kept += len(neurons)
         layer.tokens += 1
         return layer.store.down(h, tensors, rows, neurons)
+
+    def _dense_activations(self, layer: SparseLayer, x: Tensor) -> tuple[Tensor, Tensor]:
+        """h of every neuron, and which to keep (the threshold or the statistical top-k)."""
+        if self.rule == "topk":
+            gate, up = layer.mlp.gate_up_proj(x.unsqueeze(0)).float().squeeze(0).chunk(2)
+            return F.silu(gate) * up, statistical_top_k_mask(gate, layer.keep_fraction)
+        store = layer.store
+        h = store.gate_up(x, store.neuron_tensors, store.every_neuron, layer.threshold)
+        return h, h != 0
 
     @staticmethod
     def _placed(layer: SparseLayer, neurons: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:

@@ -28,6 +28,7 @@ class NeuronStore:
     `neurons` name the neurons at those rows (the int4 down projection's scale groups)."""
 
     neuron_tensors: list[Tensor]
+    every_neuron: Tensor  # rows 0..I-1 of the store's own tensors
 
     def gate_up(self, x: Tensor, tensors: list[Tensor], rows: Tensor, threshold: float) -> Tensor:
         """h = silu(gate . x) * (up . x) [n] of the neurons at `rows`, 0 where |h| <= threshold."""
@@ -42,9 +43,13 @@ class DenseNeuronStore(NeuronStore):
     def __init__(self, gate: Tensor, up: Tensor, down: Tensor) -> None:
         # down column j stored as row j: a gather reads contiguous memory
         self.neuron_tensors = [gate.float(), up.float(), down.float().T.contiguous()]
+        self.every_neuron = torch.arange(gate.shape[0])
 
     def gate_up(self, x: Tensor, tensors: list[Tensor], rows: Tensor, threshold: float) -> Tensor:
-        gate, up = tensors[0][rows], tensors[1][rows]
+        if rows is self.every_neuron:  # no gathered copy of the whole layer
+            gate, up = tensors[0], tensors[1]
+        else:
+            gate, up = tensors[0][rows], tensors[1][rows]
         h = F.silu(gate @ x) * (up @ x)
         return torch.where(h.abs() > threshold, h, 0.0)
 
@@ -70,6 +75,7 @@ class Int4NeuronStore(NeuronStore):
         self.neuron_tensors.append(_packed(codes.T.contiguous()))
         self.down_scales = scales.T.contiguous()
         self.down_offsets = offsets.T.contiguous()
+        self.every_neuron = torch.arange(inter)
 
     def gate_up(self, x: Tensor, tensors: list[Tensor], rows: Tensor, threshold: float) -> Tensor:
         return sparse_mlp_cpu.gathered_gate_up(x, tensors[0], tensors[1], rows, threshold)

@@ -77,8 +77,9 @@ def test_calibrated_profile_decodes_alike_compiled_and_eager(tiny_folder, tmp_pa
         assert engine.executor.sparse.rule == "predictor"
     assert outputs[0] == outputs[1]
     compiled, eager = (e.executor.sparse for e in engines)
-    assert compiled.layers[0].tokens == eager.layers[0].tokens == 11
-    assert 0.1 < compiled.mean_sparsity() == pytest.approx(eager.mean_sparsity())
+    assert eager.layers[0].tokens == 11
+    assert compiled.layers[0].tokens == 11 + 1  # and the compile's one-decode capture step
+    assert 0.1 < eager.mean_sparsity() == pytest.approx(compiled.mean_sparsity(), abs=0.02)
     for engine in engines:
         assert_no_leaks(engine)
 

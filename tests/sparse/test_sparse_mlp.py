@@ -139,7 +139,7 @@ def test_predictor_with_recall_forced_to_one_equals_the_threshold_path(tiny):
     profile.predictors = [
         LowRankPredictor.always_active(tiny.config.hidden_size, width) for _ in model.layers
     ]
-    predicted = SparseDecoding(model, profile, "predictor")
+    predicted = SparseDecoding(model, profile, "predictor", weight_cache=True)
     for seed in range(4):  # consecutive tokens through each layer's weight cache
         x = mlp_input(model, seed=seed)
         for i in range(len(model.layers)):
