@@ -27,7 +27,7 @@ from sluice.eval.perplexity import perplexity
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import SamplingParams
-from sluice.sparse.calibrate import calibrate, shipped_text
+from sluice.sparse.calibrate import calibrate_targets, shipped_text
 from sluice.sparse.decoding import SparseDecoding
 from sluice.sparse.profile import SparsityProfile
 
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     ids = loaded.tokenizer.encode(shipped_text())
     calibration = ids[: args.calibration_tokens]
     evaluation = ids[args.calibration_tokens : args.calibration_tokens + args.eval_tokens]
-    profiles = {cett: _profile(loaded, calibration, cett, args) for cett in args.cett}
+    profiles = _profiles(loaded, calibration, args)
     settings = [DENSE] + [(rule, cett) for cett in args.cett for rule in args.rules]
     quality: dict[tuple, tuple[float, list[dict]]] = {}
     for rule, cett in settings:  # the weight cache moves weights, it changes no result
@@ -91,16 +91,18 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(loaded: LoadedModel, ids: list[int], cett: float, args) -> SparsityProfile:
-    """The profile for `cett` in `--profiles`, calibrated and saved there if missing."""
-    path = _profile_path(args, cett)
-    if path.exists():
-        return SparsityProfile.load(path)
-    print(f"calibrating CETT {cett:g}", file=sys.stderr)
-    profile = calibrate(loaded, ids, cett, args.predictor_rank, progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile.save(path)
-    return profile
+def _profiles(loaded: LoadedModel, ids: list[int], args) -> dict[float, SparsityProfile]:
+    """The profile of each target in `--profiles`; the missing ones calibrated (one pass of
+    the text for all) and saved there."""
+    missing = [cett for cett in args.cett if not _profile_path(args, cett).exists()]
+    if missing:
+        print(f"calibrating CETT {missing}", file=sys.stderr)
+        made = calibrate_targets(loaded, ids, missing, args.predictor_rank, progress=True)
+        for profile in made:
+            path = _profile_path(args, profile.target_cett)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            profile.save(path)
+    return {cett: SparsityProfile.load(_profile_path(args, cett)) for cett in args.cett}
 
 
 def _profile_path(args, cett: float) -> Path:

@@ -1,5 +1,5 @@
-// Activation-sparse SwiGLU MLP on 4-bit weights, for any x86-64 or ARM CPU (plain C++ loops that
-// the compiler vectorises for the CPU it builds for: AVX2 on a Zen 3).
+// Activation-sparse SwiGLU MLP on 4-bit weights: AVX2 + FMA intrinsics where the CPU has them
+// (a Zen 3 does; AVX-512 is not needed), plain C++ loops for the compiler to vectorise elsewhere.
 //
 // Layout (built by sluice/sparse/store.py), groups of 32 along each stored row: byte b of a
 // group's 16 bytes holds element b in its low nibble and element b + 16 in its high one, and
@@ -27,7 +27,7 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kHalf = kGroup / 2;
-// Outputs per task of the down projection: 2 groups, 16 float accumulators a lane-row.
+// Outputs per task of the down projection: 2 groups, held in 8 AVX2 registers across its rows.
 constexpr int64_t kTile = 64;
 
 #ifdef SLUICE_AVX2

@@ -57,28 +57,41 @@ def calibrate(
     progress: bool = False,
 ) -> SparsityProfile:
     """Thresholds (and predictors) for `target_cett` from the text `token_ids`."""
-    if not 0.0 <= target_cett < 1.0:
-        raise ValueError(f"target CETT must lie in [0, 1), got {target_cett}")
+    return calibrate_targets(loaded, token_ids, [target_cett], predictor_rank, window, progress)[0]
+
+
+def calibrate_targets(
+    loaded: LoadedModel,
+    token_ids: list[int],
+    targets: list[float],
+    predictor_rank: int = 0,
+    window: int = 512,
+    progress: bool = False,
+) -> list[SparsityProfile]:
+    """One profile per CETT target, the text run through the model once for all."""
+    for target in targets:
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target CETT must lie in [0, 1), got {target}")
     mlps = sparse_mlps(loaded.model)
     inputs = mlp_inputs(loaded, token_ids, window)
-    layers, predictors = [], []
+    profiles = [SparsityProfile(t, len(token_ids), [], predictor_rank) for t in targets]
     for mlp, x in tqdm(
         zip(mlps, inputs), total=len(mlps), desc="calibrating", disable=not progress
     ):
         h = activations(mlp, x)
         down = dense_weight(mlp.down_proj).float()
-        threshold = search_threshold(h, down, target_cett)
-        active = h.abs() > threshold
-        layer = LayerSparsity(
-            threshold, 1.0 - active.float().mean().item(), cett(h, down, threshold)
-        )
-        if predictor_rank:
-            split = int(len(x) * (1 - HELD_OUT_SHARE))
-            predictor = train_predictor(x[:split], active[:split], predictor_rank)
-            layer.predictor = predictor_quality(predictor, x[split:], active[split:])
-            predictors.append(predictor)
-        layers.append(layer)
-    return SparsityProfile(target_cett, len(token_ids), layers, predictor_rank, predictors)
+        for profile in profiles:
+            threshold = search_threshold(h, down, profile.target_cett)
+            active = h.abs() > threshold
+            sparsity = 1.0 - active.float().mean().item()
+            layer = LayerSparsity(threshold, sparsity, cett(h, down, threshold))
+            if predictor_rank:
+                split = int(len(x) * (1 - HELD_OUT_SHARE))
+                predictor = train_predictor(x[:split], active[:split], predictor_rank)
+                layer.predictor = predictor_quality(predictor, x[split:], active[split:])
+                profile.predictors.append(predictor)
+            profile.layers.append(layer)
+    return profiles
 
 
 def activations(mlp: LlamaMLP, x: Tensor) -> Tensor:
@@ -96,18 +109,25 @@ def cett(h: Tensor, down: Tensor, threshold: float) -> float:
 
 
 def search_threshold(h: Tensor, down: Tensor, target: float) -> float:
-    """The largest threshold (to the search's resolution) whose CETT is at most `target`."""
-    low, high = 0.0, h.abs().max().item()
+    """The largest threshold (to the search's resolution) whose CETT is at most `target`.
+    Bisects the share of neurons dropped (thresholds are quantiles of |h|): most neurons sit
+    far below max |h|, so halving that share converges in fewer steps than halving |h|."""
+    magnitudes = h.abs().flatten().sort().values
+    low, high = 0, len(magnitudes) - 1  # indices: CETT(magnitudes[low]) <= target < ...[high]
+    if target == 0.0:
+        return 0.0
     for _ in range(SEARCH_STEPS):
-        middle = (low + high) / 2
-        value = cett(h, down, middle)
+        if high - low <= 1:
+            break
+        middle = (low + high) // 2
+        value = cett(h, down, magnitudes[middle].item())
         if value <= target:
             low = middle
             if target - value < CETT_TOLERANCE:
                 break
         else:
             high = middle
-    return low
+    return magnitudes[low].item()
 
 
 @torch.inference_mode()

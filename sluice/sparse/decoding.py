@@ -87,11 +87,26 @@ class SparseDecoding:
         )
 
     def every_row(self) -> SparseDecoding:
-        """This decoding applied to every row of any step (perplexity of the sparse model)."""
+        """This decoding's masks applied to every row of any step, through the dense kernels:
+        the perplexity of the sparse model at the cost of a dense pass (the sparse kernels
+        compute the same masked product; tests/sparse)."""
         clone = object.__new__(SparseDecoding)
         clone.__dict__.update(self.__dict__)
-        clone.all_rows, clone.max_rows = True, 1 << 62
+        clone.all_rows = True
         return clone
+
+    def _masked_dense(self, layer: SparseLayer, x: Tensor) -> Tensor:
+        gate, up = layer.mlp.gate_up_proj(x).float().chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        if self.rule == "topk":
+            keep = statistical_top_k_mask(gate, layer.keep_fraction)
+        else:
+            keep = h.abs() > layer.threshold
+        if self.rule == "predictor":
+            keep &= layer.predictor.logits(x.float()) > 0
+        layer.tokens += x.shape[0]
+        layer.kept += int(keep.sum())
+        return layer.mlp.down_proj(torch.where(keep, h, 0.0).to(x.dtype))
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         """The MLP of layer `layer` over the step's rows x [R, hidden]."""
@@ -101,6 +116,8 @@ class SparseDecoding:
 
     def forward(self, layer: int, x: Tensor) -> Tensor:
         state = self.layers[layer]
+        if self.all_rows:
+            return self._masked_dense(state, x)
         if x.shape[0] > self.max_rows:
             return state.mlp.dense(x)
         rows = [self._row(state, row) for row in x.float()]

@@ -23,7 +23,8 @@ class LowRankPredictor:
         return torch.nonzero(self.logits(x) > 0).flatten()
 
     def logits(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, (x @ self.down).unsqueeze(0), self.up).squeeze(0)
+        """[..., hidden] -> [..., intermediate]."""
+        return x @ self.down @ self.up + self.bias
 
     @classmethod
     def always_active(cls, hidden: int, intermediate: int) -> LowRankPredictor:
@@ -43,7 +44,7 @@ def train_predictor(
     active: Tensor,
     rank: int,
     target_recall: float = 0.95,
-    steps: int = 150,
+    steps: int = 80,
     seed: int = 0,
 ) -> LowRankPredictor:
     """Fit a rank-`rank` predictor of `active` [T, I] (bool) from `inputs` [T, hidden] with a

@@ -149,6 +149,19 @@ def test_predictor_with_recall_forced_to_one_equals_the_threshold_path(tiny):
     assert predicted.mean_sparsity() == pytest.approx(threshold.mean_sparsity())
 
 
+@pytest.mark.parametrize("rule", ["threshold", "predictor", "topk"])
+def test_every_row_evaluation_equals_the_sparse_decodes(tiny, rule):
+    """Perplexity runs every row's masks through the dense kernels at once: the same result
+    as each row decoded sparse on its own."""
+    model = tiny.model
+    profile = calibrate(tiny, text_ids(384), 0.1, predictor_rank=4)
+    sparse = SparseDecoding(model, profile, rule)
+    x = mlp_input(model, rows=5)
+    for i in range(len(model.layers)):
+        each = torch.cat([sparse.forward(i, row.unsqueeze(0)) for row in x])
+        torch.testing.assert_close(sparse.every_row().forward(i, x), each, rtol=1e-5, atol=1e-5)
+
+
 def test_predictor_trained_in_calibration_reports_its_quality(tiny):
     profile = calibrate(tiny, text_ids(512), 0.1, predictor_rank=8)
     assert len(profile.predictors) == len(profile.layers)
