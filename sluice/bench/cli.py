@@ -175,6 +175,12 @@ def _add_sparsity(kinds: argparse._SubParsersAction) -> None:
     )
     sparsity.add_argument("--predictor-rank", type=_POSITIVE, default=16)
     sparsity.add_argument("--calibration-tokens", type=_POSITIVE, default=2048)
+    sparsity.add_argument(
+        "--search-tokens",
+        type=_POSITIVE,
+        default=None,
+        help="search thresholds on this many calibration tokens, evenly spaced (default: all)",
+    )
     sparsity.add_argument("--eval-tokens", type=_POSITIVE, default=4096)
     sparsity.add_argument("--decode-tokens", type=_int_at_least(2), default=64)
     sparsity.add_argument("--rounds", type=_POSITIVE, default=3, help="interleaved speed rounds")

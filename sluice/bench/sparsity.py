@@ -97,7 +97,14 @@ def _profiles(loaded: LoadedModel, ids: list[int], args) -> dict[float, Sparsity
     missing = [cett for cett in args.cett if not _profile_path(args, cett).exists()]
     if missing:
         print(f"calibrating CETT {missing}", file=sys.stderr)
-        made = calibrate_targets(loaded, ids, missing, args.predictor_rank, progress=True)
+        made = calibrate_targets(
+            loaded,
+            ids,
+            missing,
+            args.predictor_rank,
+            progress=True,
+            search_tokens=args.search_tokens,
+        )
         for profile in made:
             path = _profile_path(args, profile.target_cett)
             path.parent.mkdir(parents=True, exist_ok=True)

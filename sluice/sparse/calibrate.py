@@ -67,8 +67,12 @@ def calibrate_targets(
     predictor_rank: int = 0,
     window: int = 512,
     progress: bool = False,
+    search_tokens: int | None = None,
 ) -> list[SparsityProfile]:
-    """One profile per CETT target, the text run through the model once for all."""
+    """One profile per CETT target, the text run through the model once for all.
+    `search_tokens`: search each threshold on that many of the tokens, evenly spaced (each
+    search step is a [tokens, I] x [I, hidden] product); sparsity, the CETT reached and the
+    predictors use them all."""
     for target in targets:
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target CETT must lie in [0, 1), got {target}")
@@ -80,8 +84,9 @@ def calibrate_targets(
     ):
         h = activations(mlp, x)
         down = dense_weight(mlp.down_proj).float()
+        stride = -(-len(h) // search_tokens) if search_tokens else 1
         for profile in profiles:
-            threshold = search_threshold(h, down, profile.target_cett)
+            threshold = search_threshold(h[::stride], down, profile.target_cett)
             active = h.abs() > threshold
             sparsity = 1.0 - active.float().mean().item()
             layer = LayerSparsity(threshold, sparsity, cett(h, down, threshold))
@@ -100,10 +105,11 @@ def activations(mlp: LlamaMLP, x: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def cett(h: Tensor, down: Tensor, threshold: float) -> float:
+def cett(h: Tensor, down: Tensor, threshold: float, full: Tensor | None = None) -> float:
     """Mean over tokens of |output of the neurons at or below `threshold`| / |full output|;
-    h [T, I], down [hidden, I]."""
-    full = (h @ down.T).norm(dim=-1)
+    h [T, I], down [hidden, I]; `full`: the full output's norms [T], where known."""
+    if full is None:
+        full = (h @ down.T).norm(dim=-1)
     dropped = (torch.where(h.abs() <= threshold, h, 0.0) @ down.T).norm(dim=-1)
     return (dropped / full.clamp_min(1e-12)).mean().item()
 
@@ -113,6 +119,7 @@ def search_threshold(h: Tensor, down: Tensor, target: float) -> float:
     Bisects the share of neurons dropped (thresholds are quantiles of |h|): most neurons sit
     far below max |h|, so halving that share converges in fewer steps than halving |h|."""
     magnitudes = h.abs().flatten().sort().values
+    full = (h @ down.T).norm(dim=-1)
     low, high = 0, len(magnitudes) - 1  # indices: CETT(magnitudes[low]) <= target < ...[high]
     if target == 0.0:
         return 0.0
@@ -120,7 +127,7 @@ def search_threshold(h: Tensor, down: Tensor, target: float) -> float:
         if high - low <= 1:
             break
         middle = (low + high) // 2
-        value = cett(h, down, magnitudes[middle].item())
+        value = cett(h, down, magnitudes[middle].item(), full)
         if value <= target:
             low = middle
             if target - value < CETT_TOLERANCE:
