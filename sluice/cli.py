@@ -69,6 +69,19 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         default=True,
         help="CUDA: replay decode steps from graphs captured at start (logged with its time)",
     )
+    group.add_argument(
+        "--sparsity",
+        default=None,
+        metavar="PROFILE",
+        help="decode with activation-sparse MLPs per this `sluice calibrate-sparsity` profile",
+    )
+    group.add_argument(
+        "--sparsity-rule",
+        default="auto",
+        choices=["auto", "threshold", "predictor", "topk"],
+        help="how a decode token's neurons are chosen (auto: predictor where the profile has "
+        "predictors, else threshold)",
+    )
     add_speculative_args(parser)
 
 
@@ -115,6 +128,8 @@ ENGINE_OPTIONS = (
     "ngram_max",
     "speculative_disable_batch_size",
     "cuda_graphs",
+    "sparsity",
+    "sparsity_rule",
 )
 SAMPLING_OPTIONS = (
     "max_tokens",
@@ -345,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice.bench.cli import add_bench_parser  # here: these import this module
     from sluice.compress.cli import add_compress_parser
     from sluice.eval.cli import add_eval_parser
+    from sluice.sparse.cli import add_calibrate_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_compress_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

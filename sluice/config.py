@@ -202,6 +202,8 @@ class EngineConfig:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     compile: bool = True  # decode steps through torch.compile (engine/compiled_step.py)
     cuda_graphs: bool = True  # CUDA only: decode steps replayed from graphs (engine/cuda_graphs.py)
+    sparsity: str | None = None  # a `sluice calibrate-sparsity` profile: sparse decode MLPs
+    sparsity_rule: str = "auto"  # auto, threshold, predictor, topk (see sparse/decoding.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -238,6 +240,8 @@ class EngineConfig:
         ngram_max: int = 4,
         speculative_disable_batch_size: int = 8,
         cuda_graphs: bool = True,
+        sparsity: str | None = None,
+        sparsity_rule: str = "auto",
     ) -> EngineConfig:
         """The flat keyword form used by `LLM(...)` and the command line."""
         return cls(
@@ -249,6 +253,8 @@ class EngineConfig:
             threads=threads,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            sparsity=sparsity,
+            sparsity_rule=sparsity_rule,
             cache=CacheConfig(
                 page_size,
                 int(kv_cache_memory_gb * (1 << 30)),

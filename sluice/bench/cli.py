@@ -1,5 +1,5 @@
-"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,structured}`: the
-benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,structured,
+sparsity}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
@@ -26,6 +26,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_speculative(kinds)
     _add_pd_transfer(kinds)
     _add_structured(kinds)
+    _add_sparsity(kinds)
 
 
 def _runner(module: str) -> Callable[[argparse.Namespace], int]:
@@ -207,3 +208,35 @@ def _add_pd_transfer(kinds: argparse._SubParsersAction) -> None:
     add_engine_args(pd, compile_default=False)
     _add_common(pd)
     pd.set_defaults(func=_runner("pd_transfer"))
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
+def _add_sparsity(kinds: argparse._SubParsersAction) -> None:
+    sparsity = kinds.add_parser(
+        "sparsity", help="activation-sparse decoding: decode speed against perplexity"
+    )
+    sparsity.add_argument("--cett", type=_float_list, default=[0.05, 0.1, 0.2, 0.3])
+    sparsity.add_argument(
+        "--rules", type=lambda t: t.split(","), default=["threshold", "predictor"]
+    )
+    sparsity.add_argument("--predictor-rank", type=_POSITIVE, default=16)
+    sparsity.add_argument("--calibration-tokens", type=_POSITIVE, default=2048)
+    sparsity.add_argument(
+        "--search-tokens",
+        type=_POSITIVE,
+        default=None,
+        help="search thresholds on this many calibration tokens, evenly spaced (default: all)",
+    )
+    sparsity.add_argument("--eval-tokens", type=_POSITIVE, default=4096)
+    sparsity.add_argument("--decode-tokens", type=_int_at_least(2), default=64)
+    sparsity.add_argument("--rounds", type=_POSITIVE, default=3, help="interleaved speed rounds")
+    sparsity.add_argument(
+        "--profiles", default="sparsity-profiles", help="folder of profiles (made if missing)"
+    )
+    sparsity.add_argument("--plot", default=None, metavar="PATH.png")
+    _add_common(sparsity)
+    add_engine_args(sparsity)
+    sparsity.set_defaults(func=_runner("sparsity"))

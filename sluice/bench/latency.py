@@ -86,5 +86,10 @@ def main(args: argparse.Namespace) -> int:
         "decode_tok_s": result.decode_tok_s,
         "tpot_ms": 1000 / result.decode_tok_s,
     }
+    sparse = llm.engine.executor.sparse
+    if sparse is not None:  # what the sparse decodes skipped, per layer
+        record["sparse_rule"] = sparse.rule
+        record["mlp_sparsity"] = sparse.mean_sparsity()
+        record["sparse_layers"] = sparse.layer_stats()
     emit(record, args.output_file)
     return 0

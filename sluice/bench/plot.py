@@ -51,3 +51,33 @@ def _timeline(axes: Axes, records: list[RequestRecord]) -> None:
     axes.set_xlabel("seconds since start")
     axes.set_ylabel("request (by send time)")
     axes.legend(loc="lower right")
+
+
+def plot_sparsity(records: Sequence[dict], path: str | Path) -> None:
+    """Decode speed-up against perplexity increase, one line per sparsity rule, each point
+    labelled with its CETT target and mean sparsity."""
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    axes = figure.subplots()
+    for rule in dict.fromkeys(r["rule"] for r in records):
+        points = [r for r in records if r["rule"] in (rule, "dense")]
+        points.sort(key=lambda r: r["cett"])
+        axes.plot(
+            [100 * r["perplexity_increase"] for r in points],
+            [r["speedup"] for r in points],
+            marker="o",
+            label=rule,
+        )
+        for r in points[1:] if rule != "dense" else []:
+            axes.annotate(
+                f"CETT {r['cett']:g}, {100 * r['mean_sparsity']:.0f}% sparse",
+                (100 * r["perplexity_increase"], r["speedup"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("perplexity increase over dense (%)")
+    axes.set_ylabel("single-stream decode speed / dense (same run)")
+    axes.set_title("activation-sparse decoding: speed against accuracy")
+    axes.legend()
+    figure.savefig(path, dpi=110)

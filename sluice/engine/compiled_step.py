@@ -36,6 +36,8 @@ from sluice.cache.kv_cache import KVCache
 from sluice.layers.forward_context import ForwardContext
 from sluice.memory import loading_allocations_mapped
 from sluice.models.base import CausalLM
+from sluice.sparse import decoding as sparse_decoding
+from sluice.sparse.decoding import SparseDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,8 @@ class CompiledStep:
             torch._dynamo.decorators.mark_unbacked(per_token, 0)
         self.backend.mark_dynamic(ctx.attn)
         if isinstance(ctx.attn, DecodeMetadata):
-            return self._decode_graph(self.model, input_ids, ctx, rows)
+            with sparse_decoding.installed(ctx.sparse):
+                return self._decode_graph(self.model, input_ids, ctx, rows)
         with opaque.installed(ctx):
             traced_ctx = dataclasses.replace(ctx, backend=self._opaque)
             return self._graph(self.model, input_ids, traced_ctx, rows)
@@ -111,17 +114,29 @@ _STATE_GUARDS = frozenset({"GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE", "TORCH
 
 
 def compiled_step(
-    model: CausalLM, kv_cache: KVCache, backend: AttentionBackend
+    model: CausalLM,
+    kv_cache: KVCache,
+    backend: AttentionBackend,
+    sparse: SparseDecoding | None = None,
 ) -> CompiledStep | None:
     """The model's compiled step: compiled on first call and kept on the model, so engines
-    that share a model share it (each passes its own cache in). None, with the reason logged,
-    where the model or the toolchain can't be compiled."""
-    if not hasattr(model, "_compiled_step"):
-        model._compiled_step = _compile(model, kv_cache, backend)
-    return model._compiled_step
+    that share a model share it (each passes its own cache in). Engines with sparse decoding
+    get steps of their own, whose decode graph calls the sparse MLP operator (any engine's
+    decoding: it is installed per call). None, with the reason logged, where the model or the
+    toolchain can't be compiled."""
+    steps = model.__dict__.setdefault("_compiled_steps", {})
+    key = sparse is not None
+    if key not in steps:
+        steps[key] = _compile(model, kv_cache, backend, sparse)
+    return steps[key]
 
 
-def _compile(model: CausalLM, kv_cache: KVCache, backend: AttentionBackend) -> CompiledStep | None:
+def _compile(
+    model: CausalLM,
+    kv_cache: KVCache,
+    backend: AttentionBackend,
+    sparse: SparseDecoding | None,
+) -> CompiledStep | None:
     """Capture both graphs by running steps into page 0 of `kv_cache` (a slot is always written
     before it is read, so what they leave there is never seen)."""
     if model.config.is_hybrid:
@@ -138,7 +153,10 @@ def _compile(model: CausalLM, kv_cache: KVCache, backend: AttentionBackend) -> C
                 meta = backend.metadata_for_capture(
                     query_lens, context_lens, kv_cache.page_size, device
                 )
-                ctx = ForwardContext(meta, kv_cache, backend)
+                decodes_only = all(n == 1 for n in query_lens)
+                ctx = ForwardContext(
+                    meta, kv_cache, backend, decodes_only=decodes_only, sparse=sparse
+                )
                 ids = torch.zeros(sum(query_lens), dtype=torch.long, device=device)
                 rows = torch.tensor(query_lens, device=device).cumsum(0) - 1
                 compiled(ids, ctx, rows)

@@ -22,6 +22,8 @@ from sluice.engine.state_pool import StatePool
 from sluice.loaders.model_path import resolve_model
 from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
+from sluice.sparse.decoding import SparseDecoding
+from sluice.sparse.profile import SparsityProfile
 from sluice.spec.proposer import make_proposer
 from sluice.structured.grammar import GrammarCompiler
 
@@ -83,6 +85,7 @@ class Engine:
             config.compile,
             _graph_shape(config, loaded.config, num_pages, page_size, self.device),
             self.grammars,
+            sparse=_sparse_decoding(config, loaded),
         )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings, self.kv.capacity_tokens
@@ -415,3 +418,17 @@ def _graph_shape(
     return GraphShape(
         config.scheduler.max_num_seqs, -(-max_len // page_size), num_pages + 1, page_size
     )
+
+
+def _sparse_decoding(config: EngineConfig, loaded: LoadedModel) -> SparseDecoding | None:
+    if config.sparsity is None:
+        return None
+    profile = SparsityProfile.load(config.sparsity)
+    sparse = SparseDecoding(loaded.model, profile, config.sparsity_rule)
+    logger.info(
+        "sparse decoding (%s): mean calibrated sparsity %.0f%% at CETT %g",
+        sparse.rule,
+        100 * profile.mean_sparsity,
+        profile.target_cett,
+    )
+    return sparse

@@ -23,6 +23,7 @@ from sluice.layers.sampler import Sampler, SamplingBatch
 from sluice.layers.state import spec_bytes
 from sluice.models.base import CausalLM
 from sluice.sampling_params import SamplingParams
+from sluice.sparse.decoding import SparseDecoding
 from sluice.structured.grammar import GrammarCompiler, GrammarState, allocate_bitmask
 
 
@@ -57,11 +58,13 @@ class ModelRunner:
         compile: bool = False,
         graph_shape: GraphShape | None = None,
         grammars: GrammarCompiler | None = None,
+        sparse: SparseDecoding | None = None,
     ) -> None:
         """`graph_shape` (CUDA): capture decode graphs of these sizes; its scratch page is one
         past `num_pages`. `grammars` compiles the constraints of requests with
-        `params.structured`."""
+        `params.structured`. `sparse`: decode steps run activation-sparse MLPs."""
         self.model = model
+        self.sparse = sparse
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
         self.page_size = page_size
@@ -78,7 +81,9 @@ class ModelRunner:
         )
         head_dim = model.config.head_dim
         self.compiled_step = (
-            compiled_step(model, self.kv_cache, select_backend(head_dim, device, compiled=True))
+            compiled_step(
+                model, self.kv_cache, select_backend(head_dim, device, compiled=True), sparse
+            )
             if compile and device.type == "cpu"  # inductor's CPU graphs; CUDA replays its own
             else None
         )
@@ -149,6 +154,7 @@ class ModelRunner:
             self.device,
             self.state_cache,
             state_slots,
+            self.sparse,
         )
 
     def _prepare_inputs(self, step: StepInput) -> tuple[torch.Tensor, ForwardContext]:

@@ -3,6 +3,9 @@ evaluation harness and calibration need (every position's hidden state, no sampl
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -10,6 +13,9 @@ from sluice.attention.sdpa import SdpaBackend
 from sluice.cache.kv_cache import KVCache
 from sluice.layers.forward_context import ForwardContext
 from sluice.models.base import CausalLM
+
+if TYPE_CHECKING:
+    from sluice.sparse.decoding import SparseDecoding
 
 PAGE_SIZE = 16
 
@@ -29,9 +35,14 @@ def prompts_context(model: CausalLM, sequences: list[list[int]]) -> ForwardConte
 
 
 @torch.inference_mode()
-def prompts_hidden(model: CausalLM, sequences: list[list[int]]) -> list[Tensor]:
-    """The final hidden states of every position of each sequence, [len, hidden] each."""
+def prompts_hidden(
+    model: CausalLM, sequences: list[list[int]], sparse: SparseDecoding | None = None
+) -> list[Tensor]:
+    """The final hidden states of every position of each sequence, [len, hidden] each; with
+    `sparse`, every token's MLPs run as a sparse decode would run them."""
     ctx = prompts_context(model, sequences)
+    if sparse is not None:
+        ctx = dataclasses.replace(ctx, sparse=sparse.every_row())
     device = model.norm.weight.device
     ids = torch.tensor([t for seq in sequences for t in seq], device=device)
     return list(model(ids, ctx).split([len(seq) for seq in sequences]))

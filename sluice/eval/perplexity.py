@@ -6,6 +6,7 @@ stride below the window every scored token sees at least `window - stride` token
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from tqdm import tqdm
 
 from sluice.eval.forward import prompts_hidden
 from sluice.models.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from sluice.sparse.decoding import SparseDecoding
 
 
 @torch.inference_mode()
@@ -22,9 +26,11 @@ def perplexity(
     window: int = 512,
     stride: int | None = None,
     progress: bool = False,
+    sparse: SparseDecoding | None = None,
 ) -> float:
     """exp(mean negative log-likelihood) of every token after the first; `stride` defaults to
-    `window` (windows side by side)."""
+    `window` (windows side by side). With `sparse`, every token's MLPs run as a sparse decode
+    would run them."""
     stride = window if stride is None else stride
     if not 0 < stride <= window:
         raise ValueError(f"stride must lie in [1, window = {window}], got {stride}")
@@ -37,7 +43,7 @@ def perplexity(
     for start in range(0, last, stride):
         end = min(start + window, last)
         new = end - scored
-        hidden = prompts_hidden(model, [token_ids[start:end]])[0][-new:]
+        hidden = prompts_hidden(model, [token_ids[start:end]], sparse)[0][-new:]
         targets = torch.tensor(token_ids[scored + 1 : end + 1], device=hidden.device)
         nll += F.cross_entropy(model.compute_logits(hidden), targets, reduction="sum").item()
         scored = end

@@ -6,6 +6,7 @@ in the caches, so no cache tensor or step state lives on a module."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from sluice.attention.backend import AttentionBackend, StepMetadata
 from sluice.cache.kv_cache import KVCache
 from sluice.cache.state_cache import StateCache
 from sluice.layers.state import StateMetadata
+
+if TYPE_CHECKING:
+    from sluice.sparse.decoding import SparseDecoding
 
 
 @dataclass
@@ -22,6 +26,8 @@ class ForwardContext:
     backend: AttentionBackend
     state: StateMetadata | None = None  # hybrid models: each request's state slot
     state_cache: StateCache | None = None
+    decodes_only: bool = False  # every request computes one token: MLPs may run sparse
+    sparse: SparseDecoding | None = None  # the engine's activation-sparse MLPs (sparse/)
 
     @classmethod
     def build(
@@ -34,6 +40,7 @@ class ForwardContext:
         device: torch.device,
         state_cache: StateCache | None = None,
         state_slots: list[int] | None = None,
+        sparse: SparseDecoding | None = None,
     ) -> ForwardContext:
         """`query_lens[i]` tokens of request i run this step after its `context_lens[i]` cached
         ones, over pages `page_tables[i]` and (hybrid models) state slot `state_slots[i]`."""
@@ -43,4 +50,5 @@ class ForwardContext:
         state = None
         if state_cache is not None:
             state = StateMetadata.build(query_lens, state_slots, device)
-        return cls(attn, kv_cache, backend, state, state_cache)
+        decodes_only = all(n == 1 for n in query_lens)
+        return cls(attn, kv_cache, backend, state, state_cache, decodes_only, sparse)

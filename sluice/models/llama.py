@@ -68,15 +68,33 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU MLP; `intermediate_size` overrides the config's (MoE experts are narrower)."""
+    """SwiGLU MLP; `intermediate_size` overrides the config's (MoE experts are narrower).
+    `layer_index` (a decoder layer's MLP): its steps of decodes run sparse where the forward
+    context carries activation sparsity (sparse/decoding.py)."""
 
-    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        intermediate_size: int | None = None,
+        layer_index: int | None = None,
+    ) -> None:
         super().__init__()
         intermediate_size = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * intermediate_size)
         self.down_proj = Linear(intermediate_size, config.hidden_size)
+        self.layer_index = layer_index
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        if self._runs_sparse(ctx):
+            return ctx.sparse.mlp(self.layer_index, x)
+        return self.dense(x)
+
+    def _runs_sparse(self, ctx: ForwardContext | None) -> bool:
+        if ctx is None or ctx.sparse is None or self.layer_index is None:
+            return False
+        return ctx.decodes_only or ctx.sparse.all_rows
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
@@ -86,11 +104,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_index, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, layer_index=layer_index)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class LlamaForCausalLM(CausalLM):

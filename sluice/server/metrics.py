@@ -26,6 +26,7 @@ from sluice.disagg.role import Disaggregation
 from sluice.engine.engine import Engine
 from sluice.engine.output import RequestOutput
 from sluice.engine.request import FinishReason
+from sluice.sparse.decoding import SparseDecoding
 from sluice.spec.stats import SpecStats
 
 # Seconds; wide enough for a laptop CPU at the top and a GPU at the bottom.
@@ -145,6 +146,9 @@ class ServerMetrics:
             Gauge(f"vllm:{name}", documentation, registry=self.registry).set_function(read)
         if engine.disagg is not None:
             self._pull_failures(engine.disagg)
+        sparse = getattr(engine.executor, "sparse", None)
+        if sparse is not None:
+            self._sparse_gauges(sparse)
 
     def _pull_failures(self, disagg: Disaggregation) -> None:
         failures = disagg.pulls.stats.failures
@@ -156,6 +160,29 @@ class ServerMetrics:
         )
         for cause in PULL_FAILURES:
             gauge.labels(cause).set_function(lambda cause=cause: failures.get(cause, 0))
+
+    def _sparse_gauges(self, sparse: SparseDecoding) -> None:
+        """Per MLP layer: the share of neurons sparse decodes skipped so far (read at scrape
+        time), and the predictor's recall on held-out calibration tokens."""
+        skipped = Gauge(
+            "sluice:sparse_mlp_sparsity",
+            "Share of MLP neurons skipped by sparse decodes so far, per layer.",
+            ["layer"],
+            registry=self.registry,
+        )
+        recall = Gauge(
+            "sluice:sparse_predictor_recall",
+            "Recall of the layer's active-neuron predictor on held-out calibration tokens.",
+            ["layer"],
+            registry=self.registry,
+        )
+        for i in range(len(sparse.layers)):
+            skipped.labels(layer=str(i)).set_function(
+                lambda i=i: sparse.layer_stats()[i]["sparsity"]
+            )
+            quality = sparse.profile.layers[i].predictor
+            if sparse.rule == "predictor" and quality is not None:
+                recall.labels(layer=str(i)).set(quality.recall)
 
     def _counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
         return Counter(f"sluice:{name}", documentation, labels or [], registry=self.registry)
