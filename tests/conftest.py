@@ -16,6 +16,8 @@ from sluice.models.registry import LoadedModel, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
 
+from model_harness import assert_no_leaks
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -58,21 +60,3 @@ def make_llm(default_model):
     yield make
     for engine in engines:
         assert_no_leaks(engine)
-
-
-def assert_no_leaks(engine: Engine) -> None:
-    """Every page (and state slot) is free or held once by the prefix cache; dropping the cache
-    frees them all."""
-    assert not engine.has_unfinished_requests()
-    cache, slots = engine.prefix_cache, engine.state_pool
-    if cache is not None:
-        cache.check_integrity()
-        assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, (
-            "KV pages leaked"
-        )
-        if slots is not None:
-            assert slots.num_free + cache.num_checkpoints == slots.num_slots, "state slots leaked"
-        cache.reset()
-    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
-    if slots is not None:
-        assert slots.num_free == slots.num_slots, "state slots leaked"

@@ -8,6 +8,7 @@ from sluice.attention.sdpa import SdpaBackend
 from sluice.bench.tiny_checkpoint import VOCAB_SIZE
 from sluice.cache.kv_cache import KVCache
 from sluice.cache.state_cache import StateCache
+from sluice.engine.engine import Engine
 from sluice.engine.model_runner import allocate_state
 from sluice.layers.forward_context import ForwardContext
 from sluice.layers.state import StateMetadata
@@ -125,3 +126,21 @@ def reference_greedy(reference, prompt: list[int], max_tokens: int) -> list[int]
         logits = reference(torch.tensor([ids], device=reference.device)).logits
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+def assert_no_leaks(engine: Engine) -> None:
+    """Every page (and state slot) is free or held once by the prefix cache; dropping the cache
+    frees them all."""
+    assert not engine.has_unfinished_requests()
+    cache, slots = engine.prefix_cache, engine.state_pool
+    if cache is not None:
+        cache.check_integrity()
+        assert engine.pool.num_free + cache.num_cached_pages == engine.pool.num_pages, (
+            "KV pages leaked"
+        )
+        if slots is not None:
+            assert slots.num_free + cache.num_checkpoints == slots.num_slots, "state slots leaked"
+        cache.reset()
+    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
+    if slots is not None:
+        assert slots.num_free == slots.num_slots, "state slots leaked"

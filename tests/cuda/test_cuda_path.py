@@ -9,8 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_leaks
-from model_harness import prompts, token_ids
+from model_harness import assert_no_leaks, prompts, token_ids
 
 from sluice.api import LLM
 from sluice.attention.flex import FlexBackend

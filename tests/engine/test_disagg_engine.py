@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_no_leaks
+from model_harness import assert_no_leaks
 
 from sluice.config import EngineConfig
 from sluice.disagg.params import TransferRequest

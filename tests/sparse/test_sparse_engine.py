@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_no_leaks
-from model_harness import token_ids
+from model_harness import assert_no_leaks, token_ids
 
 from sluice import SamplingParams
 from sluice.api import LLM
