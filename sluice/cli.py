@@ -19,9 +19,8 @@ QUANTIZATION_HELP = (
 )
 
 
-def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = True) -> None:
-    """`compile_default`: off for one-shot commands, where compiling costs more than it saves."""
-    group = parser.add_argument_group("engine")
+def add_model_options(group: argparse._ArgumentGroup) -> None:
+    """Which model, on which device, in which dtype and quantization."""
     group.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -31,6 +30,12 @@ def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = Tru
         choices=["auto", "none", "int8", "int4"],
         help=QUANTIZATION_HELP,
     )
+
+
+def add_engine_args(parser: argparse.ArgumentParser, compile_default: bool = True) -> None:
+    """`compile_default`: off for one-shot commands, where compiling costs more than it saves."""
+    group = parser.add_argument_group("engine")
+    add_model_options(group)
     group.add_argument("--no-prefix-cache", dest="enable_prefix_cache", action="store_false")
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--page-size", type=int, default=16)

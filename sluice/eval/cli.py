@@ -47,19 +47,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    from sluice.cli import QUANTIZATION_HELP
-    from sluice.loaders.model_path import DEFAULT_MODEL
+    from sluice.cli import add_model_options
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    group.add_argument(
-        "--quantization",
-        default="auto",
-        choices=["auto", "none", "int8", "int4"],
-        help=QUANTIZATION_HELP,
-    )
+    add_model_options(group)
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
