@@ -107,7 +107,7 @@ def test_models_of_any_head_size_decode(dim) -> None:
     assert backend.native == (dim in attention_cpu.HEAD_DIMS and attention_cpu.available())
     layer = PagedAttention(layer_index=0, num_heads=4, num_kv_heads=2, head_dim=dim)
     _, k_cache, v_cache, tables, _ = make_case([30, 3], 4, 2, dim, torch.float16)
-    cache = KVCache(k_cache.unsqueeze(0), v_cache.unsqueeze(0))  # one layer, the same memory
+    cache = KVCache([k_cache], [v_cache])  # one layer, the same memory
     meta = backend.build_metadata([1, 1], [29, 2], tables.tolist(), PAGE_SIZE, cpu)
     q, k, v = torch.randn(2, 4, dim), torch.randn(2, 2, dim), torch.randn(2, 2, dim)
     got = layer(q, k, v, ForwardContext(meta, cache, backend))
@@ -121,7 +121,9 @@ def test_prompt_chunks_attend_through_the_kernel_as_through_sdpa() -> None:
     attention is SDPA's (where the kernel does not run, the compiled tensor ops take the rows)."""
     layer = PagedAttention(layer_index=1, num_heads=9, num_kv_heads=3, head_dim=64)
     generator = torch.Generator().manual_seed(0)
-    cache = KVCache(*(torch.randn(2, 100, PAGE_SIZE, 3, 64, generator=generator) for _ in "kv"))
+    cache = KVCache(
+        *(list(torch.randn(2, 100, PAGE_SIZE, 3, 64, generator=generator)) for _ in "kv")
+    )
     long = KERNEL_MAX_CONTEXT - 24  # its 40-token chunk ends past the kernel's reach
     query_lens, context_lens = [1, 37, 1, 40], [70, 3, 12, long]
     tables = [[1, 2, 3, 4, 5], [20, 21, 22], [30], list(range(31, 31 + -(-(long + 40) // 16)))]

@@ -50,7 +50,7 @@ def test_flex_attends_as_sdpa_over_gathered_pages(step) -> None:
     )
     expected = _attend(
         SdpaBackend(),
-        KVCache(*(p.clone() for p in pools)),
+        KVCache(*(list(p.clone()) for p in pools)),
         query_lens,
         context_lens,
         tables,
@@ -58,7 +58,7 @@ def test_flex_attends_as_sdpa_over_gathered_pages(step) -> None:
         k,
         v,
     )
-    cache = KVCache(*(p.clone() for p in pools))
+    cache = KVCache(*(list(p.clone()) for p in pools))
     got = _attend(FlexBackend(compiled=False), cache, query_lens, context_lens, tables, q, k, v)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
