@@ -13,6 +13,7 @@ import contextlib
 import math
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,7 +108,10 @@ class _router:
 
     def __init__(self, command: list[str], log_path: Path) -> None:
         self.port = free_port()
-        command = [*command, "--port", str(self.port), "--prometheus-port", str(free_port())]
+        # The wheels put the binaries beside this Python, which need not be on PATH.
+        binary = str(Path(sys.executable).parent / command[0])
+        command = [binary, *command[1:], "--port", str(self.port)]
+        command += ["--prometheus-port", str(free_port())]
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -181,6 +181,7 @@ def test_a_prompt_too_long_for_any_tokenizing_is_refused_before_it(server: Serve
         f"tokens can hold (at most {MAX_PROMPT_CHARS}: no token of this model stands for more "
         "than 81 characters)",
         "prompt",
+        "context_length_exceeded",
     )
     with HealthProbe(server) as health, server.http() as http:
         for route, key in ((COMPLETIONS, "prompt"), ("/tokenize", "prompt")):
@@ -200,6 +201,7 @@ def test_a_token_id_list_longer_than_the_context_is_refused_by_its_length(client
         f"prompt has 80000 tokens but the context window is {MAX_MODEL_LEN} tokens "
         "(at least one must be left to generate)",
         "prompt",
+        "context_length_exceeded",
     )
 
 

@@ -86,6 +86,7 @@ IDLE_ENGINE = SimpleNamespace(
     prefix_cache=None,
     state_pool=None,
     disagg=None,
+    executor=SimpleNamespace(sparse=None),
     pool=SimpleNamespace(num_used=0, num_pages=8),
 )
 
