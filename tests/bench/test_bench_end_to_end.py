@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--num-prompts", "4", "--input-len-min", "8", "--input-len-max", "16"]
 TINY += ["--output-len-min", "4", "--output-len-max", "8", "--seed", "3"]
+# In-process benches run uncompiled: these tests check what they report; the compiled step has
+# tests of its own, and a cold compile in each subprocess would cost minutes.
+EAGER = "--no-compile"
 
 
 def run_bench(*argv: str) -> dict:
@@ -37,7 +40,7 @@ def tiny_workload() -> list[BenchRequest]:
 
 @pytest.mark.parametrize("backend", ["sluice", "transformers"])
 def test_offline(backend: str, tiny_workload: list[BenchRequest]) -> None:
-    record = run_bench("offline", "--backend", backend, "--batch-size", "2", *TINY)
+    record = run_bench("offline", "--backend", backend, "--batch-size", "2", *TINY, EAGER)
     assert record["bench"] == "offline" and record["backend"] == backend
     assert record["model"] == MODEL_NAME
     assert record["num_requests"] == 4 and record["batch_size"] == 2
@@ -50,7 +53,7 @@ def test_offline(backend: str, tiny_workload: list[BenchRequest]) -> None:
 
 
 def test_latency() -> None:
-    record = run_bench("latency", "--input-len", "16", "--output-len", "6", "--iters", "2")
+    record = run_bench("latency", "--input-len", "16", "--output-len", "6", "--iters", "2", EAGER)
     assert record["bench"] == "latency"
     assert (record["prefill_tokens"], record["decode_tokens"], record["iters"]) == (16, 6, 2)
     assert record["ttft_s"] > 0

@@ -87,6 +87,7 @@ IDLE_ENGINE = SimpleNamespace(
     state_pool=None,
     disagg=None,
     executor=SimpleNamespace(sparse=None),
+    proposer=None,
     pool=SimpleNamespace(num_used=0, num_pages=8),
 )
 
