@@ -75,9 +75,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     prefill, decode, faulty = servers
     command = ["vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin"]
     command += ["--prefill", prefill.url, "--decode", decode.url]
-    with _router(command, folder / "vllm-router.log") as router_url:
-        yield Cluster(prefill, decode, faulty, router_url)
-    _stop_all(servers)
+    try:  # a router that fails to start, or a failed test, leaves no server running
+        with _router(command, folder / "vllm-router.log") as router_url:
+            yield Cluster(prefill, decode, faulty, router_url)
+    finally:
+        _stop_all(servers)
 
 
 def _wait_for_all(servers) -> None:
@@ -119,13 +121,16 @@ class _router:
         url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"{self.process.args[0]} exited"
+            if self.process.poll() is not None:
+                self.log.close()
+                raise AssertionError(f"{self.process.args[0]} exited")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     return url
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
+        self.__exit__()
         raise AssertionError(f"{self.process.args[0]} did not start")
 
     def __exit__(self, *exc) -> None:
