@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
+# Test processes (pytest-xdist), a test file each at a time; each runs one thread.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint setup setup-test bench
 
@@ -29,7 +31,7 @@ run: setup
 	$(BIN)/sluice chat --once "$(PROMPT)"
 
 test: setup-test
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup-test
 	$(BIN)/ruff format --check sluice tests

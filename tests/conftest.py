@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from sluice.models.registry import LoadedModel, load_model
 sys.path.insert(0, str(Path(__file__).parent))  # tests share model_harness.py
 
 from model_harness import assert_no_leaks
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers (`make test` runs two) share the cores: one thread each, and for the servers
+        # and benches they start, or OpenMP threads spin-waiting for a core the other worker
+        # holds make every step many times slower.
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
