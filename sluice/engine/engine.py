@@ -194,6 +194,8 @@ class Engine:
             else:
                 if transfer is not None and transfer.remote_decode:
                     self._keep_for_remote_decode(seq, transfer)
+                elif transfer is not None:  # D under sglang-router: P's params are to come
+                    seq.pending_prefill = transfer.pending
                 self.scheduler.add(seq)
         return outputs
 
@@ -209,9 +211,27 @@ class Engine:
         (sampled there) goes out now, before the transfer (early first token)."""
         seq.remote_prefill = prefill
         reason = self.scheduler.add_prefilled(seq, prefill.first_token_id)
+        return self._first_token_output(seq, reason)
+
+    def _first_token_output(self, seq: Request, reason: FinishReason | None) -> RequestOutput:
+        prefill = seq.remote_prefill
         logprob = prefill.first_logprob if seq.params.logprobs is not None else None
         update = RequestUpdate(seq, [prefill.first_token_id], [logprob] if logprob else [], reason)
         return self._output(update)
+
+    def _transfer_outputs(self) -> list[RequestOutput]:
+        """D: the first tokens of requests whose P params just came (sglang-router admits them
+        before), and the requests whose transfer failed for good."""
+        news = self.disagg.poll()
+        outputs = []
+        for seq in news.arrived:
+            reason = self.scheduler.prefilled(seq, seq.remote_prefill.first_token_id)
+            outputs.append(self._first_token_output(seq, reason))
+        for seq, error in news.failed:
+            output = self._finish(seq, FinishReason.ABORT)
+            output.error = error
+            outputs.append(output)
+        return outputs
 
     def _new_sequence(
         self, request_id: str, index: int, prepared: PreparedRequest, params: SamplingParams
@@ -262,15 +282,14 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.proposer is not None:
             self._propose()
-        if self.disagg is not None:
-            self.disagg.poll()
+        outputs = self._transfer_outputs() if self.disagg is not None else []
         batch = self.scheduler.schedule()
         if not batch.requests:
             if self.disagg is not None:
                 self.disagg.wait()
-            return []
+            return outputs
         output = self.executor.execute(batch.step)
-        return [self._output(update) for update in self.scheduler.update(batch, output)]
+        return outputs + [self._output(update) for update in self.scheduler.update(batch, output)]
 
     def _propose(self) -> None:
         """Drafts for the running requests that have caught up (one pending token), unless so
@@ -374,13 +393,8 @@ def check_transfer(
         )
     if params.n != 1:
         raise InvalidParameterError("n", "a disaggregated request takes n=1")
-    prefill = transfer.remote_prefill
-    if prefill is not None and prefill.num_tokens != len(prompt_ids):
-        raise InvalidParameterError(
-            "kv_transfer_params",
-            f"the prefill instance computed {prefill.num_tokens} prompt tokens, this request's "
-            f"prompt has {len(prompt_ids)}: the two requests differ",
-        )
+    if transfer.remote_prefill is not None:
+        transfer.remote_prefill.check_prompt(len(prompt_ids))
 
 
 def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> StatePool | None:
