@@ -54,7 +54,7 @@ class Disaggregation:
         self.config = config
         self.engine = engine
         runner = engine.executor
-        self.transport: KVTransport = NixlTransport()
+        self.transport: KVTransport = NixlTransport(background=self.is_prefill)
         self.layout = CacheLayout.of(config.model_name, runner.kv_cache, runner.state_cache)
         self.transport.register(self.layout, runner.kv_cache, runner.state_cache)
         # Read here, on the engine thread: the side channel serves it from the event loop.
@@ -105,10 +105,12 @@ class Disaggregation:
     def poll(self) -> PullNews:
         """P: release the leases D confirmed, expire the rest. D: move the pulls on."""
         # Reading notifications progresses the transport: while it stalls, P serves no pull.
-        if time.monotonic() >= self._stalled_until:
+        stalled = time.monotonic() < self._stalled_until
+        if not stalled:
             for message in self.transport.notifications():
                 self.num_released += self.leases.release(message.decode())
         self.leases.expire()
+        self.transport.serve_in_background(self.leases.num_leases > 0 and not stalled)
         if self.engine.scheduler.pulling or self.pulls.num_in_flight:
             return self.pulls.advance(self.peers)
         return PullNews()

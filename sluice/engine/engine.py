@@ -148,6 +148,8 @@ class Engine:
             raise InvalidParameterError(
                 "params", f"expected SamplingParams, got {type(params).__name__}"
             )
+        if transfer is not None and transfer.remote_decode:
+            params = _first_token_only(params)
         params.validate()
         vocab_size = self.model_config.vocab_size
         if any(t >= vocab_size for t in params.stop_token_ids):
@@ -200,11 +202,9 @@ class Engine:
         return outputs
 
     def _keep_for_remote_decode(self, seq: Request, transfer: TransferRequest) -> None:
-        """A prefill instance computes the prompt, samples one token and keeps the KV (sglang-
-        router sends P the client's max_tokens; vllm-router already sends 1)."""
+        """A prefill instance computes the prompt, samples one token and keeps the KV."""
         seq.keep_kv = True
         seq.room = transfer.room
-        seq.params = dataclasses.replace(seq.params, max_tokens=1)
 
     def _add_prefilled(self, seq: Request, prefill: RemotePrefill) -> RequestOutput:
         """Queue a sequence whose prompt's KV comes from a prefill instance; its first token
@@ -395,6 +395,13 @@ def check_transfer(
         raise InvalidParameterError("n", "a disaggregated request takes n=1")
     if transfer.remote_prefill is not None:
         transfer.remote_prefill.check_prompt(len(prompt_ids))
+
+
+def _first_token_only(params: SamplingParams) -> SamplingParams:
+    """What a prefill instance samples for a remote decode: the first token alone. The routers
+    send P the client's request (sglang-router its max_tokens, vllm-router 1 and the client's
+    min_tokens): the limits are D's to keep, but a min_tokens keeps EOS from being the first."""
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
 
 
 def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> StatePool | None:

@@ -254,3 +254,20 @@ def test_on_transfer_failure_error_ends_the_request_cleanly(engines, failing_dec
     _run(prefill, failing_decode, until=lambda: prefill.disagg.leases.num_leases == 0)
     assert_no_leaks(failing_decode)
     assert_no_leaks(prefill)
+
+
+def test_prefill_serves_a_pull_while_its_engine_is_busy(engines):
+    """A READ needs P's side to progress: while P holds leases its transport does so from a
+    thread of its own, so D's pull completes with P's engine thread away (in a long step)."""
+    prefill, decode, _ = engines
+    ids = decode.encode_prompt(PROMPT + " while the keeper was busy")
+    transfer = TransferRequest.parse(_prefill(prefill, ids, "p-busy"))
+    prefill.step()  # what P's next step starts with: looking at its leases
+    completed = decode.disagg.pulls.stats.completed
+    params = SamplingParams(max_tokens=2)
+    decode.add_request("d-busy", decode.make_request(ids, params, transfer=transfer))
+    _run(decode, until=lambda: decode.disagg.pulls.stats.completed == completed + 1)
+    _run(decode, until=lambda: not decode.has_unfinished_requests())
+    _run(prefill, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert_no_leaks(decode)
+    assert_no_leaks(prefill)

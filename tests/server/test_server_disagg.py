@@ -318,7 +318,6 @@ def test_decode_takes_a_bootstrap_room_before_prefill_has_it(
         _wait_for(decode, lambda m: m["sluice:pd_awaiting_params"] == 1)
         m = decode.metrics()
         assert m["sluice:kv_cache_pages_used"] > m["sluice:kv_cache_pages_cached"]
-        assert m["sluice:num_requests_running"] == 1
         _post(prefill, body)  # as sglang-router sends it: P keeps the KV for the room
         assert answer.result(timeout=120)["choices"][0]["text"] == expected
     _assert_idle(prefill, decode)
