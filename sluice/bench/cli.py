@@ -228,22 +228,23 @@ def _add_pd_mixed(kinds: argparse._SubParsersAction) -> None:
     pd.add_argument(
         "--server-args",
         default="--no-compile",
-        help="more `sluice serve` arguments for every server, as one string",
+        help="more `sluice serve` arguments for every server, one string (--server-args='...'; "
+        "default: no torch.compile, which costs minutes per server)",
     )
-    pd.add_argument("--rounds", type=_POSITIVE, default=2, help="pd/colocated pairs, interleaved")
+    pd.add_argument("--rounds", type=_POSITIVE, default=1, help="pd/colocated pairs, interleaved")
     pd.add_argument("--decode-concurrency", type=_POSITIVE, default=6, help="decodes in flight")
     pd.add_argument("--decode-input-len", type=_POSITIVE, default=64)
     pd.add_argument("--decode-output-len", type=_POSITIVE, default=128)
-    pd.add_argument("--long-prompts", type=_POSITIVE, default=6, help="arrivals per arm and round")
+    pd.add_argument("--long-prompts", type=_POSITIVE, default=4, help="arrivals per arm and round")
     pd.add_argument(
         "--long-input-len", type=_token_range, default=(1024, 2048), help="tokens, uniform"
     )
     pd.add_argument("--long-output-len", type=_POSITIVE, default=16)
     pd.add_argument(
-        "--arrival-interval", type=float, default=8.0, help="mean seconds between long prompts"
+        "--arrival-interval", type=float, default=20.0, help="mean seconds between long prompts"
     )
     pd.add_argument(
-        "--lead-seconds", type=float, default=4.0, help="decodes alone before the first arrival"
+        "--lead-seconds", type=float, default=5.0, help="decodes alone before the first arrival"
     )
     pd.add_argument("--log-dir", default="pd-mixed-logs", help="each server's and router's log")
     pd.add_argument("--plot", default=None, metavar="PATH.png", help="ITL distributions")

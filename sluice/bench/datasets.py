@@ -173,9 +173,14 @@ class MixedWorkload:
 
     def build(
         self, tokenizer: Tokenizer, seed: int
-    ) -> tuple[list[BenchRequest], list[BenchRequest]]:
-        """(decodes, long prompts)."""
+    ) -> tuple[list[BenchRequest], list[BenchRequest], list[BenchRequest]]:
+        """(decodes, long prompts, warmups): the warmups are a decode's and the shortest long
+        prompt's lengths, prompts of their own."""
         sampler = TextPromptSampler(tokenizer, seed)
+        warmups = [
+            sampler.request(sampler.prefix_ids(length), 4)
+            for length in (self.decode_input_len, self.long_input_min)
+        ]
         decodes = [
             sampler.request(sampler.prefix_ids(self.decode_input_len), self.decode_output_len)
             for _ in range(self.num_decodes)
@@ -187,4 +192,4 @@ class MixedWorkload:
             )
             for _ in range(self.num_long_prompts)
         ]
-        return decodes, long_prompts
+        return decodes, long_prompts, warmups

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from sluice.bench.datasets import BenchRequest, MixedWorkload, RandomDataset, load_tokenizer
+from sluice.bench.datasets import BenchRequest, MixedWorkload, load_tokenizer
 from sluice.bench.metrics import LatencyStats, RequestRecord, summarize
 from sluice.bench.processes import Process, Processes
 from sluice.bench.report import Record, emit
@@ -99,15 +99,6 @@ def _latency_record(prefix: str, records: list[RequestRecord]) -> Record:
         f"{prefix}itl_p50_ms": itl.median_ms,
         f"{prefix}itl_p99_ms": itl.p99_ms,
     }
-
-
-def _warmups(workload: MixedWorkload, tokenizer, seed: int) -> list[BenchRequest]:
-    """A short and a long prompt of their own: nothing of them is in a prefix cache later."""
-    lengths = (workload.decode_input_len, workload.long_input_min)
-    return [
-        RandomDataset(1, length, 4, range_ratio=1.0).build(tokenizer, seed + i)[0]
-        for i, length in enumerate(lengths, start=10_000)
-    ]
 
 
 def _run_arm(
@@ -202,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
         arms = _start_arms(processes, args)
         for round_index in range(args.rounds):
             seed = args.seed + round_index
-            requests = (*workload.build(tokenizer, seed), _warmups(workload, tokenizer, seed))
+            requests = workload.build(tokenizer, seed)
             for arm in arms:
                 print(f"round {round_index + 1}/{args.rounds}: {arm.name}", file=sys.stderr)
                 result, record = _run_arm(arm, args, workload, requests, seed)

@@ -149,9 +149,11 @@ def test_mixed_workload_lengths(tokenizer: Tokenizer) -> None:
         long_input_max=140,
         long_output_len=3,
     )
-    decodes, long_prompts = workload.build(tokenizer, seed=3)
+    decodes, long_prompts, warmups = workload.build(tokenizer, seed=3)
     assert [(len(tokenizer.encode(r.text)), r.output_len) for r in decodes] == [(12, 7)] * 5
     lengths = [len(tokenizer.encode(r.text)) for r in long_prompts]
     assert all(100 <= n <= 140 for n in lengths) and len(set(lengths)) > 1
     assert [r.output_len for r in long_prompts] == [3] * 4
-    assert workload.build(tokenizer, seed=3) == (decodes, long_prompts)
+    assert [len(tokenizer.encode(r.text)) for r in warmups] == [12, 100]
+    assert not {r.text for r in warmups} & {r.text for r in decodes + long_prompts}
+    assert workload.build(tokenizer, seed=3) == (decodes, long_prompts, warmups)
