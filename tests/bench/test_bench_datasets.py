@@ -156,4 +156,3 @@ def test_mixed_workload_lengths(tokenizer: Tokenizer) -> None:
     assert [r.output_len for r in long_prompts] == [3] * 4
     assert [len(tokenizer.encode(r.text)) for r in warmups] == [12, 100]
     assert not {r.text for r in warmups} & {r.text for r in decodes + long_prompts}
-    assert workload.build(tokenizer, seed=3) == (decodes, long_prompts, warmups)
