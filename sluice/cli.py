@@ -216,7 +216,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.port,
         served_model_name(args.model),
         args.pd_lease_seconds,
-        args.pd_inject_transfer_errors,
+        on_transfer_failure=args.pd_on_transfer_failure,
+        inject_transfer_error_rate=args.pd_inject_transfer_errors,
+        inject_serve_stall_seconds=args.pd_inject_serve_stall,
     )
     engine = AsyncEngine(lambda: Engine(config, disagg=disagg))
     settings = ServerSettings(
@@ -261,11 +263,27 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
         help="prefill: how long a prompt's pages wait for a decode instance to pull them",
     )
     group.add_argument(
+        "--pd-on-transfer-failure",
+        choices=["recompute", "error"],
+        default="recompute",
+        help="decode: when a prompt's KV cannot be pulled (prefill instance gone, lease over, "
+        "transfer error), compute the prompt here, or end that request with an error (a 503 "
+        "kv_transfer_failed, or an error event in its stream); other requests go on "
+        "(vLLM's kv_load_failure_policy)",
+    )
+    group.add_argument(
         "--pd-inject-transfer-errors",
         type=float,
         default=0.0,
         metavar="FRACTION",
-        help="decode, for fault tests: fail this fraction of pulls (the request is recomputed)",
+        help="decode, for fault tests: fail this fraction of pulls",
+    )
+    group.add_argument(
+        "--pd-inject-serve-stall",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="prefill, for fault tests: serve no pull for this long after each prefill",
     )
 
 

@@ -1,5 +1,5 @@
-"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,structured,
-sparsity}`: the benchmarks' command line.
+"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,pd-mixed,
+structured,sparsity}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
 loaded for every `sluice` command that builds the parser.
@@ -25,6 +25,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_prefix_cache(kinds)
     _add_speculative(kinds)
     _add_pd_transfer(kinds)
+    _add_pd_mixed(kinds)
     _add_structured(kinds)
     _add_sparsity(kinds)
 
@@ -208,6 +209,56 @@ def _add_pd_transfer(kinds: argparse._SubParsersAction) -> None:
     add_engine_args(pd, compile_default=False)
     _add_common(pd)
     pd.set_defaults(func=_runner("pd_transfer"))
+
+
+def _add_pd_mixed(kinds: argparse._SubParsersAction) -> None:
+    pd = kinds.add_parser(
+        "pd-mixed",
+        help="prefill/decode disaggregation vs two co-located servers, behind vllm-router, on "
+        "steady decodes with long prompts arriving (starts every server and router itself)",
+    )
+    pd.add_argument("--model", default=DEFAULT_MODEL, help="what every server serves")
+    pd.add_argument(
+        "--cores",
+        type=lambda text: text.split(","),
+        default=["0", "1"],
+        help="taskset core lists: P and the first `both` server on the first, D and the "
+        "second on the second",
+    )
+    pd.add_argument(
+        "--server-args",
+        default="--no-compile",
+        help="more `sluice serve` arguments for every server, one string (--server-args='...'; "
+        "default: no torch.compile, which costs minutes per server)",
+    )
+    pd.add_argument("--rounds", type=_POSITIVE, default=1, help="pd/colocated pairs, interleaved")
+    pd.add_argument("--decode-concurrency", type=_POSITIVE, default=6, help="decodes in flight")
+    pd.add_argument("--decode-input-len", type=_POSITIVE, default=64)
+    pd.add_argument("--decode-output-len", type=_POSITIVE, default=128)
+    pd.add_argument("--long-prompts", type=_POSITIVE, default=4, help="arrivals per arm and round")
+    pd.add_argument(
+        "--long-input-len", type=_token_range, default=(1024, 2048), help="tokens, uniform"
+    )
+    pd.add_argument("--long-output-len", type=_POSITIVE, default=16)
+    pd.add_argument(
+        "--arrival-interval", type=float, default=20.0, help="mean seconds between long prompts"
+    )
+    pd.add_argument(
+        "--lead-seconds", type=float, default=5.0, help="decodes alone before the first arrival"
+    )
+    pd.add_argument("--log-dir", default="pd-mixed-logs", help="each server's and router's log")
+    pd.add_argument("--plot", default=None, metavar="PATH.png", help="ITL distributions")
+    _add_common(pd)
+    pd.set_defaults(func=_runner("pd_mixed"))
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    """ "1024-2048" -> (1024, 2048); "512" -> (512, 512)."""
+    low, _, high = text.partition("-")
+    low_value, high_value = _POSITIVE(low), _POSITIVE(high or low)
+    if low_value > high_value:
+        raise argparse.ArgumentTypeError(f"a range such as 1024-2048, got {text!r}")
+    return low_value, high_value
 
 
 def _float_list(text: str) -> list[float]:

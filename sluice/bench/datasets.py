@@ -154,3 +154,42 @@ class SharedPrefixDataset:
 
 
 Dataset = RandomDataset | SharedPrefixDataset
+
+
+@dataclass(frozen=True)
+class MixedWorkload:
+    """Steady decodes with long prompts arriving among them, the load prefill/decode
+    disaggregation is for: short prompts with long outputs (a load generator keeps a fixed
+    number of them in flight) and prompts of `long_input_min`..`long_input_max` tokens with short
+    outputs. `num_decodes` is a supply to draw from: the load decides how many run."""
+
+    num_decodes: int = 512
+    decode_input_len: int = 64
+    decode_output_len: int = 128
+    num_long_prompts: int = 6
+    long_input_min: int = 1024
+    long_input_max: int = 2048
+    long_output_len: int = 16
+
+    def build(
+        self, tokenizer: Tokenizer, seed: int
+    ) -> tuple[list[BenchRequest], list[BenchRequest], list[BenchRequest]]:
+        """(decodes, long prompts, warmups): the warmups are a decode's and the shortest long
+        prompt's lengths, prompts of their own."""
+        sampler = TextPromptSampler(tokenizer, seed)
+        warmups = [
+            sampler.request(sampler.prefix_ids(length), 4)
+            for length in (self.decode_input_len, self.long_input_min)
+        ]
+        decodes = [
+            sampler.request(sampler.prefix_ids(self.decode_input_len), self.decode_output_len)
+            for _ in range(self.num_decodes)
+        ]
+        long_prompts = [
+            sampler.request(
+                sampler.prefix_ids(sampler.rng.randint(self.long_input_min, self.long_input_max)),
+                self.long_output_len,
+            )
+            for _ in range(self.num_long_prompts)
+        ]
+        return decodes, long_prompts, warmups

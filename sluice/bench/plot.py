@@ -5,13 +5,16 @@ Drawn on a bare `Figure`, not through pyplot, so no GUI backend or global state 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sluice.bench.metrics import RequestRecord, percentile
+from sluice.bench.serve import MixedResult
 
 
 def plot_serve(records: Sequence[RequestRecord], title: str, path: str | Path) -> None:
@@ -51,6 +54,45 @@ def _timeline(axes: Axes, records: list[RequestRecord]) -> None:
     axes.set_xlabel("seconds since start")
     axes.set_ylabel("request (by send time)")
     axes.legend(loc="lower right")
+
+
+def plot_itl_comparison(results: Mapping[str, Sequence[MixedResult]], path: str | Path) -> None:
+    """Per arm, the inter-token latencies of all its rounds as a histogram (log scales, p99
+    dotted); beside it, the first round's latencies over time, each long prompt's arrival a
+    vertical line."""
+    figure = Figure(figsize=(13, 5.5), layout="constrained")
+    distribution, timeline = figure.subplots(1, 2)
+    pooled = {
+        name: [gap * 1000 for run in runs for r in run.records if r.ok for gap in r.itls]
+        for name, runs in results.items()
+    }
+    everything = [gap for gaps in pooled.values() for gap in gaps]
+    if not everything:
+        return
+    bins = np.geomspace(max(min(everything), 0.01), max(everything) * 1.01, 60)
+    for (name, runs), color in zip(results.items(), ("tab:orange", "tab:blue", "tab:green")):
+        gaps = pooled[name]
+        p50, p99 = percentile(gaps, 50), percentile(gaps, 99)
+        label = f"{name}: p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+        distribution.hist(gaps, bins=bins, histtype="step", color=color, label=label)
+        distribution.axvline(p99, color=color, linestyle=":")
+        first = runs[0]
+        points = [
+            (later, 1000 * (later - earlier))
+            for r in first.records
+            if r.ok
+            for earlier, later in itertools.pairwise(r.chunk_times)
+        ]
+        if points:
+            timeline.scatter(*zip(*points), s=4, color=color, alpha=0.5, label=name)
+        for arrival in first.arrival_times:
+            timeline.axvline(arrival, color=color, alpha=0.3, linewidth=0.8)
+    distribution.set(xscale="log", yscale="log", xlabel="inter-token latency (ms)", ylabel="count")
+    distribution.legend()
+    timeline.set(yscale="log", xlabel="seconds since start (first round)", ylabel="ITL (ms)")
+    timeline.legend()
+    figure.suptitle("steady decodes, long prompts arriving: disaggregated vs co-located")
+    figure.savefig(path, dpi=110)
 
 
 def plot_sparsity(records: Sequence[dict], path: str | Path) -> None:

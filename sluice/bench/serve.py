@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -151,21 +152,26 @@ def _client(config: LoadConfig) -> httpx.AsyncClient:
     )
 
 
+async def _warm_up(
+    client: httpx.AsyncClient, config: LoadConfig, model: str, warmups: list[BenchRequest]
+) -> None:
+    """Send each request alone; each must succeed."""
+    for warmup in warmups:
+        payload = completion_payload(config, model, warmup)
+        check = await stream_request(
+            client, config.endpoint, payload, warmup.prompt_len, time.perf_counter
+        )
+        if not check.ok:
+            raise RuntimeError(f"warmup request to {config.base_url} failed: {check.error}")
+
+
 async def run_load(
     config: LoadConfig, requests: list[BenchRequest], warmup: BenchRequest
 ) -> LoadResult:
     """Send `warmup` alone (it must succeed), then the timed workload."""
     async with _client(config) as client:
         model = config.model or await served_model(client)
-        check = await stream_request(
-            client,
-            config.endpoint,
-            completion_payload(config, model, warmup),
-            warmup.prompt_len,
-            time.perf_counter,
-        )
-        if not check.ok:
-            raise RuntimeError(f"warmup request to {config.base_url} failed: {check.error}")
+        await _warm_up(client, config, model, [warmup])
         gate = (
             asyncio.Semaphore(config.max_concurrency)
             if config.max_concurrency
@@ -196,6 +202,71 @@ async def run_load(
         duration_s = clock()
         bar.close()
     return LoadResult(model, list(records), duration_s)
+
+
+@dataclass
+class MixedResult:
+    model: str
+    decodes: list[RequestRecord]
+    arrivals: list[RequestRecord]  # in the order of `arrival_times`
+    arrival_times: list[float]  # seconds since the start
+    duration_s: float
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        return self.decodes + self.arrivals
+
+
+async def run_mixed_load(
+    config: LoadConfig,
+    decodes: list[BenchRequest],
+    arrivals: list[BenchRequest],
+    concurrency: int,
+    warmups: list[BenchRequest],
+    lead_s: float,
+) -> MixedResult:
+    """Steady decodes with arrivals among them: `concurrency` of `decodes` always in flight
+    (each one sent as the last ends, in order) while `arrivals` come as a Poisson process at
+    `config.request_rate`, the first `lead_s` seconds after the decodes start; once the last
+    arrival is answered no decode starts, and the run ends with the last one in flight.
+    `warmups` go first, alone."""
+    async with _client(config) as client:
+        model = config.model or await served_model(client)
+        await _warm_up(client, config, model, warmups)
+        gaps = arrival_gaps(len(arrivals), config.request_rate, random.Random(config.seed))
+        times = [lead_s + t for t in itertools.accumulate(gaps)]
+        bar = tqdm(total=len(arrivals), desc="arrivals answered", file=sys.stderr)
+        supply = iter(decodes)
+        arrivals_done = asyncio.Event()
+        start = time.perf_counter()
+
+        def clock() -> float:
+            return time.perf_counter() - start
+
+        async def send(request: BenchRequest) -> RequestRecord:
+            payload = completion_payload(config, model, request)
+            return await stream_request(client, config.endpoint, payload, request.prompt_len, clock)
+
+        async def keep_decoding(records: list[RequestRecord]) -> None:
+            while not arrivals_done.is_set():
+                request = next(supply, None)
+                if request is None:
+                    raise RuntimeError(f"the {len(decodes)} decodes ran out before the arrivals")
+                records.append(await send(request))
+
+        async def arrive(at: float, request: BenchRequest) -> RequestRecord:
+            await asyncio.sleep(max(0.0, at - clock()))
+            record = await send(request)
+            bar.update(1)
+            return record
+
+        decode_records: list[RequestRecord] = []
+        workers = [asyncio.create_task(keep_decoding(decode_records)) for _ in range(concurrency)]
+        arrival_records = await asyncio.gather(*map(arrive, times, arrivals))
+        arrivals_done.set()
+        await asyncio.gather(*workers)
+        bar.close()
+    return MixedResult(model, decode_records, list(arrival_records), times, clock())
 
 
 def dataset_from_args(args: argparse.Namespace) -> Dataset:

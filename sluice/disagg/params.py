@@ -48,6 +48,37 @@ class RemotePrefill:
     def side_channel(self) -> str:
         return f"http://{self.remote_host}:{self.remote_port}"
 
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        """InvalidParameterError when P computed another prompt than this request's."""
+        if self.num_tokens != num_prompt_tokens:
+            raise InvalidParameterError(
+                PARAM,
+                f"the prefill instance computed {self.num_tokens} prompt tokens, this request's "
+                f"prompt has {num_prompt_tokens}: the two requests differ",
+            )
+
+
+class PendingPrefill:
+    """P's params for a request D takes before P has them: sglang-router sends P and D the
+    request at once, so D admits it (pages, state slot) while P computes. The server fills this
+    in from P's bootstrap room on the event loop; the engine thread looks at it every step.
+
+    It ends with a `RemotePrefill`, with None (P never answered: a failed transfer) or with an
+    `error` (P's params cannot be used here: the request fails with it)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.prefill: RemotePrefill | None = None
+        self.error: InvalidParameterError | None = None
+        self.done = False  # set last: once True, the other fields are final
+
+    def resolve(
+        self, prefill: RemotePrefill | None, error: InvalidParameterError | None = None
+    ) -> None:
+        if not self.done:
+            self.prefill, self.error = prefill, error
+            self.done = True
+
 
 def logprob_json(logprob: TokenLogprob | None) -> dict[str, Any] | None:
     if logprob is None:
@@ -58,11 +89,13 @@ def logprob_json(logprob: TokenLogprob | None) -> dict[str, Any] | None:
 @dataclass(frozen=True)
 class TransferRequest:
     """A request's `kv_transfer_params`, read: either P is asked to keep the KV for a remote
-    decode, or D is given a `RemotePrefill` to pull."""
+    decode, or D is given a `RemotePrefill` to pull (or, under sglang-router, the promise of
+    one: `pending`)."""
 
     remote_decode: bool = False
     remote_prefill: RemotePrefill | None = None
     room: int | None = None  # SGLang's bootstrap_room: where D asks P for the params
+    pending: PendingPrefill | None = None
 
     @classmethod
     def parse(cls, value: object) -> TransferRequest | None:

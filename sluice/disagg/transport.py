@@ -7,12 +7,19 @@ per layer and K/V (a pool is `[pages, page_size, heads, dim]`, so a run within i
 contiguous), a state slot one descriptor per state tensor. The pull reads from
 P's memory (NIXL READ: on GPUs, RDMA or NVLink; here UCX over TCP) and its completion notifies P
 with the lease id, so P frees the pages without a round trip of its own.
+
+A READ needs P's side to progress too (UCX over TCP answers it in P's process). P's engine
+thread does between steps, but a prefill step on a CPU takes seconds: while P holds leases, a
+thread of its own progresses the transport every few ms (`serve_in_background`), so a pull
+never waits for P's step to end.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -24,6 +31,7 @@ from sluice.cache.state_cache import StateCache
 logger = logging.getLogger(__name__)
 
 NIXL_VERSION = "1.5.1"  # the nixl-cu12 release this was tested with (pyproject pins it)
+PROGRESS_INTERVAL_S = 0.002  # how often P's background thread progresses the transport
 
 
 @dataclass(frozen=True)
@@ -177,19 +185,33 @@ class KVTransport(ABC):
     def notifications(self) -> list[bytes]:
         """Messages other engines sent since the last call."""
 
+    @abstractmethod
+    def serve_in_background(self, on: bool) -> None:
+        """P: while `on`, answer other engines' pulls from a thread of its own (not only when
+        the engine thread calls in, between steps)."""
+
 
 class NixlTransport(KVTransport):
-    def __init__(self) -> None:
+    def __init__(self, background: bool = False) -> None:
+        """`background`: start the thread `serve_in_background` turns on (P)."""
         from nixl_cu12 import nixl_agent, nixl_agent_config
 
         self.engine_id = f"sluice-{uuid.uuid4().hex[:12]}"
-        # No progress thread: it costs a tenth of a core while idle, and the engine thread polls
-        # (which progresses UCX) every step and every few ms while transfers are pending.
+        # No NIXL progress thread: it spins (a tenth of a core while idle, more while P
+        # computes); the engine thread polls (which progresses UCX) every step and every few ms
+        # while transfers are pending, and P's own thread while it holds leases.
         config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
         self._agent = nixl_agent(self.engine_id, config)
         self._regions: Regions | None = None
         self._layout: CacheLayout | None = None
         self._remotes: dict[str, Regions] = {}
+        # The agent takes one caller at a time: the background thread and the engine thread's
+        # `notifications` (the only other call P makes once serving) take turns.
+        self._lock = threading.Lock()
+        self._inbox: list[bytes] = []
+        self._serving = threading.Event()
+        if background:
+            threading.Thread(target=self._serve, name="sluice-nixl", daemon=True).start()
 
     def register(self, layout: CacheLayout, kv: KVCache, state: StateCache | None) -> None:
         tensors = [*kv.k, *kv.v] + (state.tensors() if state is not None else [])
@@ -257,5 +279,26 @@ class NixlTransport(KVTransport):
         if engine_id in self._remotes:
             self._agent.send_notif(engine_id, message)
 
+    def serve_in_background(self, on: bool) -> None:
+        if on:
+            self._serving.set()
+        else:
+            self._serving.clear()
+
+    def _serve(self) -> None:
+        while True:
+            self._serving.wait()
+            self._collect()
+            time.sleep(PROGRESS_INTERVAL_S)
+
+    def _collect(self) -> None:
+        """Progress the transport; keep the notifications it brought."""
+        with self._lock:
+            for messages in self._agent.get_new_notifs().values():
+                self._inbox.extend(messages)
+
     def notifications(self) -> list[bytes]:
-        return [m for messages in self._agent.get_new_notifs().values() for m in messages]
+        self._collect()
+        with self._lock:
+            messages, self._inbox = self._inbox, []
+        return messages

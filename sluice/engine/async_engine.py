@@ -164,4 +164,4 @@ class AsyncEngine:
         for out in outputs:
             subscriber = self._subscribers.get(out.request_id)
             if subscriber is not None:
-                subscriber.post(out)
+                subscriber.post(out.error or out)

@@ -148,6 +148,8 @@ class Engine:
             raise InvalidParameterError(
                 "params", f"expected SamplingParams, got {type(params).__name__}"
             )
+        if transfer is not None and transfer.remote_decode:
+            params = _first_token_only(params)
         params.validate()
         vocab_size = self.model_config.vocab_size
         if any(t >= vocab_size for t in params.stop_token_ids):
@@ -194,24 +196,42 @@ class Engine:
             else:
                 if transfer is not None and transfer.remote_decode:
                     self._keep_for_remote_decode(seq, transfer)
+                elif transfer is not None:  # D under sglang-router: P's params are to come
+                    seq.pending_prefill = transfer.pending
                 self.scheduler.add(seq)
         return outputs
 
     def _keep_for_remote_decode(self, seq: Request, transfer: TransferRequest) -> None:
-        """A prefill instance computes the prompt, samples one token and keeps the KV (sglang-
-        router sends P the client's max_tokens; vllm-router already sends 1)."""
+        """A prefill instance computes the prompt, samples one token and keeps the KV."""
         seq.keep_kv = True
         seq.room = transfer.room
-        seq.params = dataclasses.replace(seq.params, max_tokens=1)
 
     def _add_prefilled(self, seq: Request, prefill: RemotePrefill) -> RequestOutput:
         """Queue a sequence whose prompt's KV comes from a prefill instance; its first token
         (sampled there) goes out now, before the transfer (early first token)."""
         seq.remote_prefill = prefill
         reason = self.scheduler.add_prefilled(seq, prefill.first_token_id)
+        return self._first_token_output(seq, reason)
+
+    def _first_token_output(self, seq: Request, reason: FinishReason | None) -> RequestOutput:
+        prefill = seq.remote_prefill
         logprob = prefill.first_logprob if seq.params.logprobs is not None else None
         update = RequestUpdate(seq, [prefill.first_token_id], [logprob] if logprob else [], reason)
         return self._output(update)
+
+    def _transfer_outputs(self) -> list[RequestOutput]:
+        """D: the first tokens of requests whose P params just came (sglang-router admits them
+        before), and the requests whose transfer failed for good."""
+        news = self.disagg.poll()
+        outputs = []
+        for seq in news.arrived:
+            reason = self.scheduler.prefilled(seq, seq.remote_prefill.first_token_id)
+            outputs.append(self._first_token_output(seq, reason))
+        for seq, error in news.failed:
+            output = self._finish(seq, FinishReason.ABORT)
+            output.error = error
+            outputs.append(output)
+        return outputs
 
     def _new_sequence(
         self, request_id: str, index: int, prepared: PreparedRequest, params: SamplingParams
@@ -262,15 +282,14 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.proposer is not None:
             self._propose()
-        if self.disagg is not None:
-            self.disagg.poll()
+        outputs = self._transfer_outputs() if self.disagg is not None else []
         batch = self.scheduler.schedule()
         if not batch.requests:
             if self.disagg is not None:
                 self.disagg.wait()
-            return []
+            return outputs
         output = self.executor.execute(batch.step)
-        return [self._output(update) for update in self.scheduler.update(batch, output)]
+        return outputs + [self._output(update) for update in self.scheduler.update(batch, output)]
 
     def _propose(self) -> None:
         """Drafts for the running requests that have caught up (one pending token), unless so
@@ -374,13 +393,15 @@ def check_transfer(
         )
     if params.n != 1:
         raise InvalidParameterError("n", "a disaggregated request takes n=1")
-    prefill = transfer.remote_prefill
-    if prefill is not None and prefill.num_tokens != len(prompt_ids):
-        raise InvalidParameterError(
-            "kv_transfer_params",
-            f"the prefill instance computed {prefill.num_tokens} prompt tokens, this request's "
-            f"prompt has {len(prompt_ids)}: the two requests differ",
-        )
+    if transfer.remote_prefill is not None:
+        transfer.remote_prefill.check_prompt(len(prompt_ids))
+
+
+def _first_token_only(params: SamplingParams) -> SamplingParams:
+    """What a prefill instance samples for a remote decode: the first token alone. The routers
+    send P the client's request (sglang-router its max_tokens, vllm-router 1 and the client's
+    min_tokens): the limits are D's to keep, but a min_tokens keeps EOS from being the first."""
+    return dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
 
 
 def _state_pool(cache: CacheConfig, loaded: LoadedModel, dtype: torch.dtype) -> StatePool | None:

@@ -34,6 +34,9 @@ class RequestOutput:
     # With params.prompt_logprobs, in a sequence's first output: each prompt token's after the
     # first (the first has none: nothing comes before it).
     prompt_logprobs: list[TokenLogprob] | None = None
+    # The engine gave up on this sequence (its prompt's KV transfer failed, for one): its last
+    # output, which the caller raises instead of reading.
+    error: Exception | None = None
 
 
 class TextStream:

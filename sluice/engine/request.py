@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from sluice.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from sluice.disagg.params import RemotePrefill, TransferRequest
+    from sluice.disagg.params import PendingPrefill, RemotePrefill, TransferRequest
     from sluice.engine.prefix_cache import RadixNode
 
 
@@ -86,6 +86,7 @@ class Request:
     room: int | None = None  # P, driven by sglang-router: the bootstrap room D asks for
     held: HeldKV | None = None
     remote_prefill: RemotePrefill | None = None
+    pending_prefill: PendingPrefill | None = None  # D: P's params, still to come (sglang-router)
     # With params.prompt_logprobs: each prompt token's after the first, filled chunk by chunk.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -107,6 +108,11 @@ class Request:
         if self.first_scheduled_time is None:
             return None
         return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def pulls_prompt(self) -> bool:
+        """D: its prompt's KV is to come from a prefill instance (P's params in or to come)."""
+        return self.remote_prefill is not None or self.pending_prefill is not None
 
     @property
     def is_finished(self) -> bool:

@@ -89,20 +89,25 @@ class Scheduler:
         """Queue a request whose prompt another engine computed (prefill/decode disaggregation)
         with the token that engine sampled; if that token already ends it, finish it instead
         and say why."""
+        self.add(request)
+        return self.prefilled(request, first_token)
+
+    def prefilled(self, request: Request, first_token: int) -> FinishReason | None:
+        """Give a queued or admitted request the first token another engine sampled; finish
+        it when that token ends it, and say why."""
         request.output_token_ids.append(first_token)
         reason = self._stop_reason(request, first_token)
-        if reason is None:
-            self.add(request)
-        else:
+        if reason is not None:
             self.finish(request, reason)
         return reason
 
     def pulled(self, request: Request, ok: bool) -> None:
-        """The pull of a request's prompt KV ended: with the KV in its pages it goes on from
-        the prompt's end; without (`ok` False) it goes back to the queue's front to be computed
-        here, from the prefix cache, as after a preemption."""
+        """The pull of a request's prompt KV ended (or never started): with the KV in its pages
+        it goes on from the prompt's end; without (`ok` False) it goes back to the queue's
+        front to be computed here, from the prefix cache, as after a preemption (or to be
+        failed by the engine: `--pd-on-transfer-failure error`)."""
         self.pulling.remove(request)
-        request.remote_prefill = None
+        request.remote_prefill = request.pending_prefill = None
         if not ok:
             self._release(request)
             request.status = RequestStatus.WAITING
@@ -266,7 +271,7 @@ class Scheduler:
         while self.waiting and budget > 0 and self._num_admitted < self.config.max_num_seqs:
             request = self.waiting[0]
             self.kv.match_prefix(request)
-            if request.remote_prefill is not None:
+            if request.pulls_prompt:
                 if not self._admit_pull(request):
                     break
                 continue

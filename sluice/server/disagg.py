@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import httpx
 from fastapi import APIRouter, Depends, Request
 
-from sluice.disagg.params import TransferRequest
+from sluice.disagg.params import PendingPrefill, RemotePrefill, TransferRequest
+from sluice.sampling_params import InvalidParameterError
 from sluice.server.errors import APIError
 from sluice.server.protocol import GenerationRequest
 
@@ -30,27 +31,52 @@ ROOM_WAIT_S = 60.0  # how long P's side channel holds D's question while P prefi
 async def read_transfer(server, body: GenerationRequest) -> TransferRequest | None:
     """A request's `kv_transfer_params` (vllm-router) or bootstrap room (sglang-router), with
     P's side channel read when D meets a new P. A P that cannot be reached is left out: D then
-    computes the prompt itself."""
+    computes the prompt itself (or fails the request: `--pd-on-transfer-failure error`)."""
     disagg = server.engine.engine.disagg
-    value = body.kv_transfer_params
     if body.bootstrap_room is not None and disagg is not None:
         if disagg.is_prefill:
             return TransferRequest(remote_decode=True, room=body.bootstrap_room)
-        value = await _room_params(body)
-    transfer = TransferRequest.parse(value)
-    prefill = transfer.remote_prefill if transfer is not None else None
-    if prefill is None or disagg is None or prefill.remote_engine_id in disagg.peers:
-        return transfer
-    metadata = await _get(f"{prefill.side_channel}/pd/nixl_metadata", SIDE_CHANNEL_TIMEOUT_S)
-    if metadata is not None and metadata.get("engine_id") == prefill.remote_engine_id:
-        disagg.add_peer(metadata)  # InvalidParameterError when the layouts disagree
+        return _await_room(disagg, body)
+    transfer = TransferRequest.parse(body.kv_transfer_params)
+    if transfer is not None and transfer.remote_prefill is not None:
+        await _meet(disagg, transfer.remote_prefill)
     return transfer
 
 
-async def _room_params(body: GenerationRequest) -> dict[str, Any] | None:
-    """sglang-router sends P and D the request at once: D waits for P's params of the room."""
+async def _meet(disagg, prefill: RemotePrefill) -> None:
+    """Read a new P's side channel; InvalidParameterError when its caches do not fit ours."""
+    if disagg is None or prefill.remote_engine_id in disagg.peers:
+        return
+    metadata = await _get(f"{prefill.side_channel}/pd/nixl_metadata", SIDE_CHANNEL_TIMEOUT_S)
+    if metadata is not None and metadata.get("engine_id") == prefill.remote_engine_id:
+        disagg.add_peer(metadata)
+
+
+_room_tasks: set[asyncio.Task] = set()  # running: the loop keeps only weak references
+
+
+def _await_room(disagg, body: GenerationRequest) -> TransferRequest:
+    """sglang-router sends P and D the request at once: D admits it now, while P computes, and
+    its pull starts once P's side channel gives the room's params."""
+    pending = PendingPrefill(body.bootstrap_room)
+    task = asyncio.create_task(_fill(pending, disagg, body))
+    _room_tasks.add(task)
+    task.add_done_callback(_room_tasks.discard)
+    return TransferRequest(room=body.bootstrap_room, pending=pending)
+
+
+async def _fill(pending: PendingPrefill, disagg, body: GenerationRequest) -> None:
     url = f"http://{body.bootstrap_host}:{body.bootstrap_port}/pd/rooms/{body.bootstrap_room}"
-    return await _get(url, ROOM_WAIT_S + SIDE_CHANNEL_TIMEOUT_S)
+    try:
+        transfer = TransferRequest.parse(await _get(url, ROOM_WAIT_S + SIDE_CHANNEL_TIMEOUT_S))
+        prefill = transfer.remote_prefill if transfer is not None else None
+        if prefill is not None:
+            await _meet(disagg, prefill)
+        pending.resolve(prefill)
+    except InvalidParameterError as error:
+        pending.resolve(None, error)
+    finally:
+        pending.resolve(None)  # cancelled (shutdown): no params will come
 
 
 async def _get(url: str, timeout: float) -> dict[str, Any] | None:

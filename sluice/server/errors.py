@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sluice.disagg.decode import TransferFailedError
 from sluice.engine.async_engine import EngineDeadError, EngineStepError
 from sluice.sampling_params import InvalidParameterError
 from sluice.server.protocol import ErrorInfo, ErrorResponse
@@ -75,6 +76,8 @@ def as_api_error(exc: Exception) -> APIError:
         return APIError(503, str(exc), code="engine_dead")
     if isinstance(exc, EngineStepError):
         return APIError(500, str(exc), code="engine_step_failed")
+    if isinstance(exc, TransferFailedError):  # P gone or too slow: a retry may well succeed
+        return APIError(503, str(exc), code="kv_transfer_failed")
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 

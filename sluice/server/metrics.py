@@ -154,7 +154,7 @@ class ServerMetrics:
         failures = disagg.pulls.stats.failures
         gauge = Gauge(
             "sluice:pd_pulls_failed_by_cause",
-            "Pulls that failed (the prompt was recomputed), by why.",
+            "Pulls that failed (recomputed, or the request failed), by why.",
             ["cause"],
             registry=self.registry,
         )
@@ -279,7 +279,16 @@ def _disagg_gauges(disagg: Disaggregation) -> list[tuple[str, str, Callable[[], 
         ("pd_leases_expired", "Leases that expired unclaimed.", lambda: leases.num_expired),
         ("pd_pulls_in_flight", "Pulls under way.", lambda: disagg.pulls.num_in_flight),
         ("pd_pulls_completed", "Pulls that completed.", lambda: stats.completed),
-        ("pd_pulls_failed", "Pulls that failed (the prompt was recomputed).", lambda: stats.failed),
+        (
+            "pd_pulls_failed",
+            "Pulls that failed (recomputed, or the request failed: --pd-on-transfer-failure).",
+            lambda: stats.failed,
+        ),
+        (
+            "pd_awaiting_params",
+            "Requests admitted (pages allocated) before their prefill instance's params came.",
+            lambda: disagg.pulls.num_awaiting_params,
+        ),
         ("pd_pulled_pages", "KV pages pulled.", lambda: stats.pages),
         ("pd_pulled_bytes", "KV bytes pulled.", lambda: stats.bytes),
         ("pd_pull_seconds", "Time spent in completed pulls.", lambda: stats.seconds),

@@ -421,8 +421,7 @@ async def create_completion(body: CompletionRequest, request: Request, server: S
     limit = body.max_tokens if generated else 1
     max_tokens = server.max_tokens(limit, explicit, prompts, "max_tokens")
     params = body.sampling_params(max_tokens, body.logprobs)
-    params.prompt_logprobs = body.num_prompt_logprobs
-    params.validate()
+    params.prompt_logprobs = body.num_prompt_logprobs  # checked with the rest: make_request
     echo = (
         Echo([_prompt_text(server, p) for p in raw_prompts], prompts, generated)
         if body.echo

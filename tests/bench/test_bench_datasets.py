@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from sluice.bench.datasets import (
+    MixedWorkload,
     RandomDataset,
     SharedPrefixDataset,
     draw_length,
@@ -136,3 +137,22 @@ def test_random_id_requests(tokenizer: Tokenizer) -> None:
     ids = [t for r in requests for t in r.prompt_ids]
     assert not any(tokenizer.is_special(t) for t in ids)
     assert all(0 <= t < tokenizer.vocab_size for t in ids)
+
+
+def test_mixed_workload_lengths(tokenizer: Tokenizer) -> None:
+    workload = MixedWorkload(
+        num_decodes=5,
+        decode_input_len=12,
+        decode_output_len=7,
+        num_long_prompts=4,
+        long_input_min=100,
+        long_input_max=140,
+        long_output_len=3,
+    )
+    decodes, long_prompts, warmups = workload.build(tokenizer, seed=3)
+    assert [(len(tokenizer.encode(r.text)), r.output_len) for r in decodes] == [(12, 7)] * 5
+    lengths = [len(tokenizer.encode(r.text)) for r in long_prompts]
+    assert all(100 <= n <= 140 for n in lengths) and len(set(lengths)) > 1
+    assert [r.output_len for r in long_prompts] == [3] * 4
+    assert [len(tokenizer.encode(r.text)) for r in warmups] == [12, 100]
+    assert not {r.text for r in warmups} & {r.text for r in decodes + long_prompts}

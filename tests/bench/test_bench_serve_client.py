@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sluice.bench.datasets import BenchRequest
-from sluice.bench.serve import LoadConfig, LoadResult, arrival_gaps, run_load
+from sluice.bench.serve import LoadConfig, LoadResult, arrival_gaps, run_load, run_mixed_load
 from sluice.cli import main as sluice_main
 
 
@@ -168,6 +168,27 @@ def test_max_concurrency_one_runs_requests_one_after_another(fake_server) -> Non
     result = run(LoadConfig(url, max_concurrency=1), requests_with_outputs(4, 4, 4, 4))
     ordered = sorted(result.records, key=lambda r: r.start)
     assert all(a.end <= b.start for a, b in itertools.pairwise(ordered))
+
+
+def test_mixed_load_keeps_decodes_going_until_the_arrivals_are_answered(fake_server) -> None:
+    url, _ = fake_server
+    decodes = requests_with_outputs(*[6] * 200)
+    arrivals = [BenchRequest([1] * 9, 2, text=f"long {i}") for i in range(3)]
+    config = LoadConfig(url, request_rate=20.0, ignore_eos=True)
+    result = asyncio.run(run_mixed_load(config, decodes, arrivals, 2, [WARMUP], lead_s=0.05))
+    assert all(r.ok for r in result.records)
+    assert [(r.prompt_len, r.output_tokens) for r in result.arrivals] == [(9, 2)] * 3
+    assert [r.output_tokens for r in result.decodes] == [6] * len(result.decodes)
+    assert result.arrival_times[0] >= 0.05 and result.arrival_times == sorted(result.arrival_times)
+    assert all(r.start >= at for r, at in zip(result.arrivals, result.arrival_times, strict=True))
+    answered = max(r.end for r in result.arrivals)
+    assert all(r.start <= answered for r in result.decodes)
+    assert any(r.start >= result.arrival_times[-1] for r in result.decodes)
+    # Two decodes in flight at every moment until the last arrival was answered.
+    for moment in (0.01, result.arrival_times[0], answered - 0.001):
+        assert sum(r.start <= moment < r.end for r in result.decodes) == 2
+    with pytest.raises(RuntimeError, match="decodes ran out"):
+        asyncio.run(run_mixed_load(config, decodes[:3], arrivals, 2, [WARMUP], lead_s=0.5))
 
 
 def test_endpoint_must_be_a_path() -> None:

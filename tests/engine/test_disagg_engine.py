@@ -10,7 +10,8 @@ import torch
 from model_harness import assert_no_leaks
 
 from sluice.config import EngineConfig
-from sluice.disagg.params import TransferRequest
+from sluice.disagg.decode import TransferFailedError
+from sluice.disagg.params import PendingPrefill, TransferRequest
 from sluice.disagg.role import DisaggConfig
 from sluice.disagg.transport import PageRun, page_runs
 from sluice.engine.engine import Engine
@@ -32,13 +33,27 @@ def test_page_runs_join_pages_consecutive_on_both_sides():
 
 @pytest.fixture(scope="module")
 def engines(default_model):
-    def make(role: str) -> Engine:
+    def make(role: str, **options) -> Engine:
         config = EngineConfig.create(quantization="none", compile=False, page_size=4)
-        return Engine(config, loaded=default_model, disagg=DisaggConfig(role, model_name="m"))
+        disagg = DisaggConfig(role, model_name="m", **options)
+        return Engine(config, loaded=default_model, disagg=disagg)
 
     prefill, decode, both = make("prefill"), make("decode"), make("both")
     decode.disagg.add_peer(prefill.disagg.metadata())
     return prefill, decode, both
+
+
+@pytest.fixture(scope="module")
+def failing_decode(engines, default_model) -> Engine:
+    """A decode instance whose every pull fails, and which fails the request then."""
+    prefill = engines[0]
+    config = EngineConfig.create(quantization="none", compile=False, page_size=4)
+    disagg = DisaggConfig(
+        "decode", model_name="m", on_transfer_failure="error", inject_transfer_error_rate=1.0
+    )
+    decode = Engine(config, loaded=default_model, disagg=disagg)
+    decode.disagg.add_peer(prefill.disagg.metadata())
+    return decode
 
 
 def _run(*engines: Engine, until) -> list:
@@ -152,4 +167,107 @@ def test_an_expired_lease_frees_the_pages(engines):
     assert prefill.disagg.leases.num_pages == -(-len(ids) // 4)
     prefill.disagg.leases.expire(now=float("inf"))
     assert prefill.disagg.leases.num_expired >= 1
+    assert_no_leaks(prefill)
+
+
+def _reference(both: Engine, ids: list[int], params: SamplingParams) -> list[int]:
+    both.add_request("ref", both.prepare(ids, params))
+    outputs = _run(both, until=lambda: not both.has_unfinished_requests())
+    return [t for o in outputs for t in o.new_token_ids]
+
+
+def test_decode_admits_before_the_params_come_then_pulls(engines):
+    """sglang-router's concurrent dispatch: D has the request (its pages allocated) while P
+    still computes; the first token goes out and the pull starts when P's params come."""
+    prefill, decode, both = engines
+    ids = decode.encode_prompt(PROMPT + " in the room")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = _reference(both, ids, params)
+    pending = PendingPrefill(room=7)
+    transfer = TransferRequest(room=7, pending=pending)
+    assert decode.add_request("d-room", decode.make_request(ids, params, transfer=transfer)) == []
+    free_before = decode.pool.num_free
+    assert decode.step() == []
+    assert decode.disagg.pulls.num_awaiting_params == 1
+    assert free_before - decode.pool.num_free == -(-len(ids) // 4)  # the whole prompt's pages
+    assert decode.step() == []  # still waiting: nothing to compute, no token
+
+    pending.resolve(TransferRequest.parse(_prefill(prefill, ids, "p-room")).remote_prefill)
+    outputs = _run(prefill, decode, until=lambda: not decode.has_unfinished_requests())
+    assert [t for o in outputs for t in o.new_token_ids] == expected
+    assert decode.disagg.pulls.stats.completed >= 1
+    _run(prefill, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert_no_leaks(decode)
+    assert_no_leaks(prefill)
+
+
+def test_an_abort_before_the_params_come_frees_both_sides(engines):
+    prefill, decode, _ = engines
+    ids = decode.encode_prompt(PROMPT + " and gone")
+    pending = PendingPrefill(room=8)
+    transfer = TransferRequest(room=8, pending=pending)
+    decode.add_request("d-gone", decode.make_request(ids, SamplingParams(), transfer=transfer))
+    decode.step()
+    assert decode.disagg.pulls.num_awaiting_params == 1
+    decode.abort_request("d-gone")
+    assert_no_leaks(decode)  # the pages come back at once: nothing writes them
+    released = prefill.disagg.num_released
+    pending.resolve(TransferRequest.parse(_prefill(prefill, ids, "p-gone")).remote_prefill)
+    _run(prefill, decode, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert prefill.disagg.num_released == released + 1  # D dropped the lease, not its expiry
+    assert decode.disagg.pulls.num_in_flight == 0
+    assert_no_leaks(prefill)
+
+
+def test_params_for_another_prompt_fail_the_request(engines):
+    prefill, decode, _ = engines
+    ids = decode.encode_prompt(PROMPT)
+    pending = PendingPrefill(room=9)
+    transfer = TransferRequest(room=9, pending=pending)
+    decode.add_request("d-other", decode.make_request(ids, SamplingParams(), transfer=transfer))
+    decode.step()
+    pending.resolve(TransferRequest.parse(_prefill(prefill, ids[:-1], "p-other")).remote_prefill)
+    (output,) = decode.step()
+    assert isinstance(output.error, InvalidParameterError) and output.finished
+    assert "prompt tokens" in str(output.error)
+    _run(prefill, decode, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert_no_leaks(decode)
+    assert_no_leaks(prefill)
+
+
+def test_on_transfer_failure_error_ends_the_request_cleanly(engines, failing_decode):
+    prefill, _, _ = engines
+    ids = failing_decode.encode_prompt(PROMPT)
+    transfer = TransferRequest.parse(_prefill(prefill, ids, "p-fail"))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    early = failing_decode.add_request(
+        "d-fail", failing_decode.make_request(ids, params, transfer=transfer)
+    )
+    assert early[0].new_token_ids == [transfer.remote_prefill.first_token_id]
+    outputs = _run(
+        prefill, failing_decode, until=lambda: not failing_decode.has_unfinished_requests()
+    )
+    (output,) = outputs
+    assert output.finished and isinstance(output.error, TransferFailedError)
+    assert "injected" in str(output.error) and output.new_token_ids == []
+    assert failing_decode.disagg.pulls.stats.failures == {"injected": 1}
+    _run(prefill, failing_decode, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert_no_leaks(failing_decode)
+    assert_no_leaks(prefill)
+
+
+def test_prefill_serves_a_pull_while_its_engine_is_busy(engines):
+    """A READ needs P's side to progress: while P holds leases its transport does so from a
+    thread of its own, so D's pull completes with P's engine thread away (in a long step)."""
+    prefill, decode, _ = engines
+    ids = decode.encode_prompt(PROMPT + " while the keeper was busy")
+    transfer = TransferRequest.parse(_prefill(prefill, ids, "p-busy"))
+    prefill.step()  # what P's next step starts with: looking at its leases
+    completed = decode.disagg.pulls.stats.completed
+    params = SamplingParams(max_tokens=2)
+    decode.add_request("d-busy", decode.make_request(ids, params, transfer=transfer))
+    _run(decode, until=lambda: decode.disagg.pulls.stats.completed == completed + 1)
+    _run(decode, until=lambda: not decode.has_unfinished_requests())
+    _run(prefill, until=lambda: prefill.disagg.leases.num_leases == 0)
+    assert_no_leaks(decode)
     assert_no_leaks(prefill)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ UCX = {"UCX_TLS": "tcp"}  # loopback TCP: no RDMA here
 # Three servers load at once on two shared cores: more time than one alone is given.
 STARTUP_TIMEOUT_S = 400.0
 LEASE_S = 6.0
+STALL_S = 3.0  # the hybrid P serves no pull for this long after each prefill
 PAGE_SIZE = 16
 MAX_TOKENS = 8
 PROMPTS = [
@@ -55,7 +58,7 @@ CHATS = [
 class Cluster:
     prefill: ServerProcess
     decode: ServerProcess
-    faulty_decode: ServerProcess  # fails half of its pulls
+    faulty_decode: ServerProcess  # fails half of its pulls, and then the request
     router_url: str
 
 
@@ -68,6 +71,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         launch_server(
             folder / "faulty.log",
             *("--role", "decode", "--pd-inject-transfer-errors", "0.5"),
+            *("--pd-on-transfer-failure", "error"),
             env=UCX,
         ),
     ]
@@ -299,6 +303,41 @@ def test_sglang_router_drives_the_same_pair(
     _assert_idle(prefill, decode)
 
 
+def test_decode_takes_a_bootstrap_room_before_prefill_has_it(
+    cluster: Cluster, server: ServerProcess
+):
+    """sglang-router's concurrent dispatch, by hand and in the worst order: D gets the request
+    before P does. D admits it at once, its pages allocated, and pulls when P's params come."""
+    prompt = "List the rooms of an old stone castle, from the cellar up to the tower:"
+    (expected,) = [c.text for c in server.openai().completions.create(**_body(prompt)).choices]
+    prefill, decode = cluster.prefill, cluster.decode
+    body = {**_body(prompt), "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.port}
+    body["bootstrap_room"] = 4242
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, decode, body)
+        _wait_for(decode, lambda m: m["sluice:pd_awaiting_params"] == 1)
+        m = decode.metrics()
+        assert m["sluice:kv_cache_pages_used"] > m["sluice:kv_cache_pages_cached"]
+        _post(prefill, body)  # as sglang-router sends it: P keeps the KV for the room
+        assert answer.result(timeout=120)["choices"][0]["text"] == expected
+    _assert_idle(prefill, decode)
+
+
+def _post(server: ServerProcess, body: dict) -> dict:
+    with server.http() as http:
+        reply = http.post("/v1/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _wait_for(server: ServerProcess, condition, timeout: float = 60.0) -> None:
+    """Until `condition(metrics)` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition(server.metrics()):
+        assert time.monotonic() < deadline, f"{server.url}: the metrics never got there"
+        time.sleep(0.02)
+
+
 def test_router_facing_endpoints(cluster: Cluster):
     with cluster.decode.http() as http:
         info = http.get("/server_info").json()
@@ -332,30 +371,58 @@ def test_a_request_for_the_wrong_role_is_refused(cluster: Cluster, server: Serve
     _assert_idle(cluster.decode)
 
 
-def test_injected_transfer_errors_are_recomputed(cluster: Cluster, server: ServerProcess):
+def test_injected_transfer_errors_fail_only_their_requests(cluster: Cluster, server: ServerProcess):
+    """`--pd-on-transfer-failure error`: a request whose pull fails gets a clean error (a 503,
+    or P's first token then an error event in its stream); the others are answered."""
     completions, _ = _reference(server)
     faulty = cluster.faulty_decode
-    prompts = PROMPTS * 2
+    before = faulty.metrics()
 
-    async def prefill_then_decode(http: httpx.AsyncClient, prompt: str) -> str:
+    async def prefill_then_decode(http: httpx.AsyncClient, prompt: str, stream: bool):
         kv = (await asyncio.to_thread(_prefill, cluster.prefill, _body(prompt)))[
             "kv_transfer_params"
         ]
-        reply = await http.post("/v1/completions", json={**_body(prompt), "kv_transfer_params": kv})
-        return reply.json()["choices"][0]["text"]
+        body = {**_body(prompt), "kv_transfer_params": kv, "stream": stream}
+        if not stream:
+            reply = await http.post("/v1/completions", json=body)
+            if reply.status_code != 200:
+                assert reply.status_code == 503, reply.text
+                return "", reply.json()["error"]
+            return reply.json()["choices"][0]["text"], None
+        text, error = "", None
+        async with http.stream("POST", "/v1/completions", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    error = event.get("error", error)
+                    text += "".join(c["text"] for c in event.get("choices", []))
+        return text, error
 
-    async def all_at_once() -> list[str]:
+    async def all_at_once():
         async with httpx.AsyncClient(base_url=faulty.url, timeout=120) as http:
-            return await asyncio.gather(*(prefill_then_decode(http, p) for p in prompts))
+            return await asyncio.gather(
+                *(prefill_then_decode(http, p, s) for s in (False, True) for p in PROMPTS)
+            )
 
-    assert asyncio.run(all_at_once()) == completions * 2
+    answers = asyncio.run(all_at_once())
     m = faulty.metrics()
+    failed = m["sluice:pd_pulls_failed"] - before["sluice:pd_pulls_failed"]
+    completed = m["sluice:pd_pulls_completed"] - before["sluice:pd_pulls_completed"]
     injected = m['sluice:pd_pulls_failed_by_cause{cause="injected"}']
-    expired = m['sluice:pd_pulls_failed_by_cause{cause="lease_expired"}']
-    # Half of the pulls that get as far as the draw fail (seeded: 3 of the first 6); each is
-    # recomputed by D. A loaded machine may let a lease run out first.
-    assert injected >= 1 and m["sluice:pd_pulls_completed"] >= 1
-    assert injected + expired + m["sluice:pd_pulls_completed"] == len(prompts)
+    assert failed + completed == len(answers)
+    # Half of the pulls that get as far as the draw fail (seeded: 3 of the first 6). A loaded
+    # machine may let a lease run out first: that fails the request too.
+    assert injected >= 1 and completed >= 1
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == failed
+    for error in errors:
+        assert error["code"] == "kv_transfer_failed" and error["type"] == "server_error"
+        assert "--pd-on-transfer-failure error" in error["message"]
+    for (text, error), expected in zip(answers, completions * 2, strict=True):
+        if error is None:
+            assert text == expected
+        else:  # a stream has P's first token before the error; a plain answer has nothing
+            assert expected.startswith(text)
     _assert_idle(cluster.prefill, faulty)
 
 
@@ -426,7 +493,11 @@ def hybrid_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     make_tiny_checkpoint("qwen3_next", folder)
     model = ("--model", str(folder), "--page-size", "4", "--max-num-batched-tokens", "16")
     pair = (
-        launch_server(folder / "prefill.log", *model, *_role("prefill", 30), env=UCX),
+        launch_server(
+            folder / "prefill.log",
+            *(*model, *_role("prefill", 30), "--pd-inject-serve-stall", str(STALL_S)),
+            env=UCX,
+        ),
         launch_server(folder / "decode.log", *model, "--role", "decode", env=UCX),
     )
     _wait_for_all(pair)
@@ -460,3 +531,28 @@ def test_mismatched_instances_are_named(hybrid_pair, cluster: Cluster):
         )
     assert reply.status_code == 400
     assert "disagree on model" in reply.json()["error"]["message"]
+
+
+def test_prefill_killed_mid_transfer_decode_recomputes(hybrid_pair):
+    """P stalls its side of every transfer for a while (`--pd-inject-serve-stall`), so D's pull
+    is under way when P dies: D recomputes the prompt (the same answer), and its pages and
+    state slot come back."""
+    prefill, decode = hybrid_pair
+    name = prefill.openai().models.list().data[0].id
+    words = " ".join(f"t{400 + i}" for i in range(13))
+    body = {**_body(words, 8), "model": name, "ignore_eos": True}
+    expected = _post(prefill, body)["choices"][0]["text"]
+    before = decode.metrics()
+    params = _prefill(prefill, body)["kv_transfer_params"]
+    stalled_until = time.monotonic() + STALL_S
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_decode, decode, body, params)
+        _wait_for(decode, lambda m: m["sluice:pd_pulls_in_flight"] == 1)
+        prefill.process.kill()
+        assert time.monotonic() < stalled_until, "too slow: P may have served the pull"
+        prefill.process.wait(10)
+        assert answer.result(timeout=120)["choices"][0]["text"] == expected
+    after = decode.metrics()
+    assert after["sluice:pd_pulls_failed"] == before["sluice:pd_pulls_failed"] + 1
+    assert after["sluice:pd_pulls_completed"] == before["sluice:pd_pulls_completed"]
+    _assert_idle(decode)
