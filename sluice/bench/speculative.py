@@ -58,6 +58,12 @@ def _measure(llm: LLM, workload: _Workload, args: argparse.Namespace) -> None:
         workload.stats.record_all(drafted)
 
 
+def _draft_settings(args: argparse.Namespace) -> dict[str, str]:
+    if args.speculative_method != "draft":
+        return {}
+    return {"draft_model": args.draft_model, "draft_quantization": args.draft_quantization}
+
+
 def main(args: argparse.Namespace) -> int:
     args.speculative_method = args.speculative_method or "ngram"
     llm = load_llm(args)
@@ -73,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
             **record_header("speculative", "sluice", args),
             "workload": name,
             "method": args.speculative_method,
+            **_draft_settings(args),
             "num_speculative_tokens": args.num_speculative_tokens,
             "concurrency": args.concurrency,
             "output_len": args.output_len,
