@@ -53,3 +53,8 @@ done
 
 # Issue #16: the KV and prefix-cache bookkeeping of one decode step by context length (no model).
 $S bench prefix-cache --contexts 2048,8192,32768 --output-file "$OUT/prefix_cache.jsonl"
+
+# Issue #17: the default model's fp32 weights drafted by its own Q4_1 blocks (off/on per workload).
+OMP_NUM_THREADS=1 $S bench speculative --threads 1 --quantization none --speculative-method draft \
+  --draft-model self --rounds 1 --output-len 200 --workloads summary_quotes code_edit open_chat \
+  --output-file "$OUT/spec_draft_self_int4.jsonl"

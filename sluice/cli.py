@@ -95,12 +95,26 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--speculative-method",
         default=None,
-        choices=["ngram", "suffix"],
-        help="propose draft tokens for the model to verify: ngram (prompt lookup) or suffix "
-        "(suffix decoding over the request and recent outputs); default off",
+        choices=["ngram", "suffix", "draft"],
+        help="propose draft tokens for the model to verify: ngram (prompt lookup), suffix "
+        "(suffix decoding over the request and recent outputs) or draft (a draft model, "
+        "--draft-model); default off",
     )
     group.add_argument(
         "--num-speculative-tokens", type=int, default=5, help="most draft tokens per step (k)"
+    )
+    group.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="MODEL",
+        help="draft: alias, .gguf file or HF folder sharing the model's vocabulary, or 'self' "
+        "(the model's own checkpoint, at --draft-quantization)",
+    )
+    group.add_argument(
+        "--draft-quantization",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="how the draft model loads (as --quantization); auto: int4 for 'self'",
     )
     group.add_argument("--ngram-min", type=int, default=1, help="shortest n-gram matched")
     group.add_argument("--ngram-max", type=int, default=4, help="longest n-gram matched")
@@ -132,6 +146,8 @@ ENGINE_OPTIONS = (
     "ngram_min",
     "ngram_max",
     "speculative_disable_batch_size",
+    "draft_model",
+    "draft_quantization",
     "cuda_graphs",
     "sparsity",
     "sparsity_rule",

@@ -158,7 +158,9 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be >= 1")
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")  # see layers/linear.py
+SELF_DRAFT = "self"  # draft_model: the target's own checkpoint, loaded at draft_quantization
 
 
 @dataclass
@@ -166,18 +168,37 @@ class SpeculativeConfig:
     """Speculative decoding (sluice/spec/): a proposer guesses the next tokens of each running
     request and the target model checks them all in one step. `method` None turns it off."""
 
-    method: str | None = None  # ngram (prompt lookup) or suffix (suffix decoding)
+    method: str | None = None  # ngram (prompt lookup), suffix (suffix decoding) or draft (a model)
     num_speculative_tokens: int = 5  # k: most draft tokens verified per request and step
     ngram_min: int = 1  # n-gram: the shortest match of the context's tail that proposes
     ngram_max: int = 4  # n-gram: the longest one tried (first)
     # No proposals while more requests than this run: a large batch is bound by compute, not by
     # reading the weights, so verifying drafts costs more than it saves (docs/benchmarks.md).
     disable_batch_size: int = 8
+    # draft: the model that proposes (alias, .gguf or HF folder sharing the target's vocabulary,
+    # or "self": the target's checkpoint), loaded with this quantization (auto: as the target's
+    # `quantization=auto` would load it; for "self", int4).
+    draft_model: str | None = None
+    draft_quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}"
+            )
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError(
+                "speculative method draft needs draft_model: a model sharing the target's "
+                f"vocabulary (alias, .gguf file or HF folder) or {SELF_DRAFT!r}"
+            )
+        if self.draft_model is not None and self.method != "draft":
+            raise ValueError(
+                f"draft_model is for speculative method draft, got method {self.method!r}"
+            )
+        if self.draft_quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"draft_quantization must be one of {QUANTIZATIONS}, "
+                f"got {self.draft_quantization!r}"
             )
         if self.num_speculative_tokens < 1:
             raise ValueError(
@@ -209,7 +230,7 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
-        if self.quantization not in ("auto", "none", "int8", "int4"):
+        if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be auto, none, int8 or int4, got {self.quantization!r}"
             )
@@ -239,6 +260,8 @@ class EngineConfig:
         ngram_min: int = 1,
         ngram_max: int = 4,
         speculative_disable_batch_size: int = 8,
+        draft_model: str | None = None,
+        draft_quantization: str = "auto",
         cuda_graphs: bool = True,
         sparsity: str | None = None,
         sparsity_rule: str = "auto",
@@ -271,6 +294,8 @@ class EngineConfig:
                 ngram_min,
                 ngram_max,
                 speculative_disable_batch_size,
+                draft_model,
+                draft_quantization,
             ),
         )
 

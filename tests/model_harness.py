@@ -14,6 +14,7 @@ from sluice.layers.forward_context import ForwardContext
 from sluice.layers.state import StateMetadata
 from sluice.loaders import safetensors
 from sluice.models.registry import MODEL_CLASSES
+from sluice.spec.draft import DraftProposer
 
 PAGE_SIZE = 4
 NUM_PAGES = 256
@@ -144,3 +145,5 @@ def assert_no_leaks(engine: Engine) -> None:
     assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
     if slots is not None:
         assert slots.num_free == slots.num_slots, "state slots leaked"
+    if isinstance(engine.proposer, DraftProposer):
+        assert engine.proposer.is_idle, "the draft model's KV pages leaked"

@@ -25,10 +25,22 @@ from sluice.spec.stats import SpecStats
 class _Timing:
     tokens: int = 0
     seconds: float = 0.0
+    # The process's CPU time: on a shared machine, with one thread, the work done whatever the
+    # other processes take (with more threads it counts their spinning too).
+    cpu_seconds: float = 0.0
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tok_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds else 0.0
+
+    def add(self, other: _Timing) -> None:
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
 
 
 @dataclass
@@ -41,21 +53,25 @@ class _Workload:
 
 def _run(llm: LLM, prompt: list[int], args: argparse.Namespace, speculative: bool) -> _Timing:
     params = SamplingParams(max_tokens=args.output_len, speculative=speculative)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = llm.generate([prompt] * args.concurrency, params)
-    seconds = time.perf_counter() - start
-    return _Timing(sum(len(r.outputs[0].token_ids) for r in results), seconds)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return _Timing(sum(len(r.outputs[0].token_ids) for r in results), seconds, cpu_seconds)
 
 
 def _measure(llm: LLM, workload: _Workload, args: argparse.Namespace) -> None:
     for speculative in (False, True):
         before = llm.engine.scheduler.spec_stats.snapshot()
         timing = _run(llm, workload.prompt, args, speculative)
-        total = workload.on if speculative else workload.off
-        total.tokens += timing.tokens
-        total.seconds += timing.seconds
+        (workload.on if speculative else workload.off).add(timing)
         drafted = llm.engine.scheduler.spec_stats.since(before)
         workload.stats.record_all(drafted)
+
+
+def _draft_settings(args: argparse.Namespace) -> dict[str, str]:
+    if args.speculative_method != "draft":
+        return {}
+    return {"draft_model": args.draft_model, "draft_quantization": args.draft_quantization}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
             **record_header("speculative", "sluice", args),
             "workload": name,
             "method": args.speculative_method,
+            **_draft_settings(args),
             "num_speculative_tokens": args.num_speculative_tokens,
             "concurrency": args.concurrency,
             "output_len": args.output_len,
@@ -80,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
             "output_tok_s_off": round(workload.off.tok_s, 2),
             "output_tok_s_on": round(workload.on.tok_s, 2),
             "speedup": round(workload.on.tok_s / workload.off.tok_s, 3),
+            "output_tok_per_cpu_s_off": round(workload.off.tok_per_cpu_s, 2),
+            "output_tok_per_cpu_s_on": round(workload.on.tok_per_cpu_s, 2),
+            "cpu_speedup": round(workload.on.tok_per_cpu_s / workload.off.tok_per_cpu_s, 3),
             **workload.stats.as_record(),
         }
         print(format_table(f"speculative: {name}", list(record.items())), flush=True)

@@ -71,7 +71,7 @@ class Engine:
                 f"models yet ({loaded.config.architecture}): their recurrent state cannot be "
                 "rolled back"
             )
-        self.proposer = make_proposer(config.speculative)
+        self.proposer = make_proposer(config, loaded, num_pages)
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.executor: Executor = ModelRunner(
             loaded.model,
@@ -284,6 +284,9 @@ class Engine:
             self._propose()
         outputs = self._transfer_outputs() if self.disagg is not None else []
         batch = self.scheduler.schedule()
+        if self.proposer is not None:
+            for request in batch.preempted:
+                self.proposer.preempted(request)
         if not batch.requests:
             if self.disagg is not None:
                 self.disagg.wait()

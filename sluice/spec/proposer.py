@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
-from sluice.config import SpeculativeConfig
+from sluice.config import EngineConfig
 from sluice.engine.request import Request
+
+if TYPE_CHECKING:
+    from sluice.models.registry import LoadedModel
 
 
 class Proposer(ABC):
@@ -23,14 +27,25 @@ class Proposer(ABC):
     def finished(self, request: Request) -> None:
         """The request ended: forget what was kept for it (its own state, not what it taught)."""
 
+    @abstractmethod
+    def preempted(self, request: Request) -> None:
+        """The request was preempted (it will be computed again): free what it holds, such as
+        a draft model's KV pages. Its tokens are unchanged, so an index over them may stay."""
 
-def make_proposer(config: SpeculativeConfig) -> Proposer | None:
-    if config.method is None:
+
+def make_proposer(config: EngineConfig, target: LoadedModel, num_pages: int) -> Proposer | None:
+    """The proposer for an engine over `target` whose KV pool has `num_pages` pages."""
+    spec = config.speculative
+    if spec.method is None:
         return None
-    if config.method == "ngram":
+    if spec.method == "ngram":
         from sluice.spec.ngram import NgramProposer
 
-        return NgramProposer(config.ngram_min, config.ngram_max)
-    from sluice.spec.suffix import SuffixProposer
+        return NgramProposer(spec.ngram_min, spec.ngram_max)
+    if spec.method == "suffix":
+        from sluice.spec.suffix import SuffixProposer
 
-    return SuffixProposer()
+        return SuffixProposer()
+    from sluice.spec.draft import DraftProposer
+
+    return DraftProposer.build(config, target, num_pages)

@@ -1,5 +1,5 @@
-"""`sluice serve --speculative-method ngram`: the same answers as a server without it, streamed
-or whole, and the drafts' acceptance in /metrics."""
+"""`sluice serve --speculative-method ngram` (and `draft --draft-model self`): the same answers
+as a server without it, streamed or whole, and the drafts' acceptance in /metrics."""
 
 from __future__ import annotations
 
@@ -16,11 +16,18 @@ PROMPT = (
 )
 
 
-@pytest.fixture(scope="module")
-def spec_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(
+    scope="module",
+    # The draft: the model's own checkpoint at int4, which for the Q4_1 GGUF is its own weights.
+    params=[("ngram",), ("draft", "--draft-model", "self")],
+    ids=["ngram", "draft-self"],
+)
+def spec_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     process = start_server(
         tmp_path_factory.mktemp("spec-server") / "serve.log",
-        *("--speculative-method", "ngram", "--num-speculative-tokens", "4"),
+        *("--speculative-method", *request.param, "--num-speculative-tokens", "4"),
     )
     yield process
     assert process.stop() == 0, process.log_tail()

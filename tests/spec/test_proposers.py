@@ -91,6 +91,9 @@ def test_suffix_global_tree_keeps_only_the_recent_outputs():
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"ngram_min": 3, "ngram_max": 2}, "ngram_min"),
         ({"disable_batch_size": 0}, "disable_batch_size"),
+        ({"method": "draft"}, "needs draft_model"),
+        ({"method": "ngram", "draft_model": "self"}, "draft_model is for speculative method draft"),
+        ({"method": "draft", "draft_model": "self", "draft_quantization": "int3"}, "int3"),
     ],
 )
 def test_bad_settings_are_named(settings, error):

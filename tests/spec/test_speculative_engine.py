@@ -15,6 +15,9 @@ pytestmark = pytest.mark.slow
 
 FP32 = {"kv_cache_dtype": "float32", "compile": False}
 NGRAM = {"speculative_method": "ngram", "speculative_disable_batch_size": 64}
+# The target's own weights as its draft: the fp32 model itself, or its GGUF's Q4_1 blocks.
+SELF_DRAFT = {"speculative_method": "draft", "draft_model": "self", "draft_quantization": "none"}
+INT4_SELF_DRAFT = {"speculative_method": "draft", "draft_model": "self"}
 CODE = (
     "def area(width, height):\n    return width * height\n\n"
     "def perimeter(width, height):\n    return 2 * (width + height)\n"
@@ -59,6 +62,23 @@ def test_greedy_batched_chunked_and_preempted_gives_the_same_tokens(make_llm):
     assert token_ids(suffix.generate(prompts, greedy())) == expected
     assert token_ids(suffix.generate(prompts, greedy())) == expected
     assert accepted_runs(suffix.engine.scheduler.spec_stats) > 0
+
+    # The model drafting for itself (one copy of the weights, two caches): every draft kept.
+    itself = make_llm(**FP32, **{**NGRAM, **SELF_DRAFT})
+    assert itself.engine.proposer.runner.model is itself.engine.executor.model
+    assert token_ids(itself.generate(prompts, greedy())) == expected
+    assert itself.engine.scheduler.spec_stats.acceptance_rate == 1.0
+
+
+def test_the_default_models_q4_weights_draft_for_its_fp32_ones(make_llm):
+    """The fp32 (dequantized) default model with its own GGUF's 4-bit blocks as the draft: the
+    same tokens, and most drafts accepted."""
+    plain = make_llm(**FP32)
+    prompts = [code_prompt(plain), *mixed_prompts(plain)[2:8:3]]
+    expected = token_ids(plain.generate(prompts, greedy(32)))
+    spec = make_llm(**FP32, **{**NGRAM, **INT4_SELF_DRAFT})
+    assert token_ids(spec.generate(prompts, greedy(32))) == expected
+    assert spec.engine.scheduler.spec_stats.acceptance_rate > 0.7
 
 
 def test_compiled_steps_verify_drafts_too(make_llm):
