@@ -14,11 +14,10 @@ import torch
 from model_harness import recurrent_step, token_ids
 
 from sluice import SamplingParams
+from sluice.bench.replay_proposer import ReplayProposer
 from sluice.bench.tiny_checkpoint import VOCAB_SIZE
 from sluice.engine.engine import Engine
 from sluice.engine.model_runner import allocate_state
-from sluice.engine.request import Request
-from sluice.spec.proposer import Proposer
 from sluice.spec.stats import SpecStats
 from tests.engine import test_hybrid_engine
 
@@ -47,36 +46,10 @@ def mixed_prompts() -> list[list[int]]:
     return [p for pair in zip(randoms, repeats) for p in pair]
 
 
-class ForeseeingProposer(Proposer):
-    """Proposes the target's own continuation, known from a run without speculation. With
-    `wrong` set, its i-th proposal for a request gets draft (i + prompt length) % (k + 1) wrong
-    (none when that is k), so the verify steps accept every length from 0 to k drafts."""
-
-    def __init__(self, prompts: list[list[int]], outputs: list[list[int]], wrong: bool) -> None:
-        self.continuations = {tuple(p): o for p, o in zip(prompts, outputs)}
-        self.wrong = wrong
-        self._num_proposed: dict[str, int] = {}
-
-    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
-        return [self._propose_one(request, k) for request in requests]
-
-    def finished(self, request: Request) -> None:
-        self._num_proposed.pop(request.request_id, None)
-
-    def _propose_one(self, request: Request, k: int) -> list[int]:
-        done = len(request.output_token_ids)
-        drafts = list(self.continuations[tuple(request.prompt_token_ids)][done : done + k])
-        # Requests start the cycle at different points: with few tokens out, each sees some.
-        count = self._num_proposed.get(request.request_id, request.num_prompt_tokens)
-        self._num_proposed[request.request_id] = count + 1
-        wrong = count % (k + 1)
-        if self.wrong and wrong < len(drafts):
-            drafts[wrong] = (drafts[wrong] + 1) % VOCAB_SIZE
-        return drafts
-
-
-def foreseeing(llm, prompts, outputs, wrong: bool = True):
-    llm.engine.proposer = ForeseeingProposer(prompts, outputs, wrong)
+def replaying(llm, prompts, outputs, wrong: bool = True):
+    """The LLM, proposing the target's own continuation `outputs` (of a run without drafts),
+    with one draft wrong at a cycling position unless not `wrong`."""
+    llm.engine.proposer = ReplayProposer(prompts, outputs, VOCAB_SIZE, wrong)
     return llm
 
 
@@ -150,12 +123,12 @@ def test_greedy_tokens_are_the_same_with_drafts_batched_chunked_and_preempted(ma
     assert token_ids(ngram.generate(prompts, greedy())) == expected
     assert ngram.engine.scheduler.spec_stats.num_drafts > 0  # a random model: most rejected
 
-    told = checked_every_step(foreseeing(make_llm(**NGRAM), prompts, expected))
+    told = checked_every_step(replaying(make_llm(**NGRAM), prompts, expected))
     assert token_ids(told.generate(prompts, greedy())) == expected
     assert all(n > 0 for n in accepted_lengths(told.engine.scheduler.spec_stats))
 
     squeezed = make_llm(max_num_batched_tokens=7, num_pages=24, num_state_slots=10, **NGRAM)
-    checked_every_step(foreseeing(squeezed, prompts, expected))
+    checked_every_step(replaying(squeezed, prompts, expected))
     assert token_ids(squeezed.generate(prompts, greedy())) == expected
     assert squeezed.engine.scheduler.num_preemptions > 0
     assert all(n > 0 for n in accepted_lengths(squeezed.engine.scheduler.spec_stats))
@@ -170,7 +143,7 @@ def test_seeded_samples_are_the_same_with_and_without_drafts_alone_or_batched(ma
         for i in range(len(prompts))
     ]
     expected = token_ids(make_llm().generate(prompts, params))
-    told = checked_every_step(foreseeing(make_llm(**NGRAM), prompts, expected))
+    told = checked_every_step(replaying(make_llm(**NGRAM), prompts, expected))
     assert token_ids(told.generate(prompts, params)) == expected
     assert token_ids(told.generate(prompts[3], params[3])) == expected[3:4]
     assert all(n > 0 for n in accepted_lengths(told.engine.scheduler.spec_stats))
@@ -190,7 +163,7 @@ def test_stops_inside_an_accepted_run_end_where_they_end_without_drafts(make_llm
         SamplingParams(max_tokens=16, stop=[full.text[-14:-8]]),
         greedy(7),
     ]
-    told = checked_every_step(foreseeing(make_llm(**NGRAM), [prompt], [full.token_ids], False))
+    told = checked_every_step(replaying(make_llm(**NGRAM), [prompt], [full.token_ids], wrong=False))
     for params in cases:
         want = plain.generate([prompt], params)[0].outputs[0]
         got = told.generate([prompt], params)[0].outputs[0]
@@ -216,8 +189,8 @@ def test_a_checkpoint_taken_inside_an_accepted_run_serves_the_next_turn(make_llm
     follow_up = prompt + first + random_tokens(3, seed=9)
     (want,) = plain.generate([follow_up], greedy(8))
 
-    told = foreseeing(make_llm(**NGRAM), [prompt, follow_up], [first, want.outputs[0].token_ids])
-    told.engine.proposer.wrong = False
+    outputs = [first, want.outputs[0].token_ids]
+    told = replaying(make_llm(**NGRAM), [prompt, follow_up], outputs, wrong=False)
     assert token_ids(told.generate([prompt], greedy(8))) == [first]
     assert accepted_lengths(told.engine.scheduler.spec_stats) == [0, 1, 0, 0, 1]
     (got,) = told.generate([follow_up], greedy(8))
@@ -230,7 +203,7 @@ def test_aborts_and_rejections_leave_every_slot_and_page_free(make_llm):
     the end: slots exact after every step; the fixture checks that all is free at the end."""
     prompts = mixed_prompts()[:6]
     expected = token_ids(make_llm().generate(prompts, greedy(16)))
-    engine = checked_every_step(foreseeing(make_llm(**NGRAM), prompts, expected)).engine
+    engine = checked_every_step(replaying(make_llm(**NGRAM), prompts, expected)).engine
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), engine.prepare(prompt, greedy(16)))
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
