@@ -75,9 +75,17 @@ def state_cache_of(layer, num_slots: int) -> StateCache:
     return StateCache.allocate([layer.state_spec(torch.float32)], num_slots, torch.device("cpu"))
 
 
-def recurrent_step(layer, cache: StateCache, x, query_lens: list[int], slots: list[int]):
-    """One step of a recurrent layer alone: `query_lens[i]` rows of x in state slot `slots[i]`."""
-    state = StateMetadata.build(query_lens, slots, x.device)
+def recurrent_step(
+    layer,
+    cache: StateCache,
+    x,
+    query_lens: list[int],
+    slots: list[int],
+    verify_slots: list[list[int]] | None = None,
+):
+    """One step of a recurrent layer alone: `query_lens[i]` rows of x in state slot `slots[i]`
+    (a verify run also in `verify_slots[i]`)."""
+    state = StateMetadata.build(query_lens, slots, x.device, verify_slots)
     return layer(x, ForwardContext(None, None, None, state, cache))
 
 

@@ -7,7 +7,9 @@ finishes or is preempted; the prefix cache holds one more on every page it keeps
 Hybrid models add a state slot per request (see `StatePool`): taken when the request is admitted,
 filled from the prefix cache's checkpoint or zeroed, given back with its pages. Their prefill
 chunks end on page boundaries so the state after each chunk can be checkpointed on the tree node
-that ends there.
+that ends there. A verify step (speculative decoding) borrows one more slot per draft for the
+step: its run leaves the state after each of its tokens, and the update keeps the one after the
+accepted drafts (`commit_verified_state`), since a recurrent state cannot be rolled back.
 """
 
 from __future__ import annotations
@@ -189,6 +191,48 @@ class KVCacheManager:
             pool.zero(request.state_slot)
         return True
 
+    def acquire_verify_states(self, request: Request, num_drafts: int, num_reserved: int) -> int:
+        """Hybrid models: a slot for each of the request's drafts to verify this step (the run's
+        state after each of its tokens but the last, which goes to the request's own slot), from
+        the free slots and the prefix cache's checkpoints (evicted LRU), leaving `num_reserved`
+        slots to the requests waiting for admission. Returns how many drafts got one: the others
+        are not verified this step."""
+        pool = self.state_pool
+        if pool is None or num_drafts == 0:
+            return num_drafts
+        cache = self.prefix_cache
+        evictable = cache.num_checkpoints if cache is not None else 0
+        wanted = max(0, min(num_drafts, pool.num_free + evictable - num_reserved))
+        if wanted > pool.num_free:
+            cache.evict_checkpoints(wanted - pool.num_free)
+        request.verify_state_slots = [pool.allocate() for _ in range(min(wanted, pool.num_free))]
+        return len(request.verify_state_slots)
+
+    def commit_verified_state(self, request: Request, run_start: int) -> None:
+        """After a hybrid request's verify run from `run_start` computed tokens, which left the
+        state after each of its tokens in its verify slots and the last one in its own slot: the
+        request keeps the state after its computed tokens (the accepted drafts; a slot changes
+        hands, no state is copied), a page boundary inside the kept run is checkpointed from the
+        state there, and the other slots go back to the pool."""
+        states = [*request.verify_state_slots, request.state_slot]  # after each token of the run
+        request.verify_state_slots = []
+        end = request.num_computed_tokens
+        boundary = end - end % self.page_size
+        if run_start < boundary < end:
+            self._cache_pages(request, boundary, states[boundary - run_start - 1])
+        request.state_slot = states[end - run_start - 1]
+        for slot in states:
+            if slot != request.state_slot:
+                self.state_pool.free(slot)
+
+    def drop_state(self, request: Request) -> None:
+        """Give back the request's state slot, if it has one: when it ends, or just before, when
+        its state is past its computed tokens (a stop string inside a run of accepted drafts),
+        so that state is never checkpointed."""
+        if request.state_slot is not None:
+            self.state_pool.free(request.state_slot)
+            request.state_slot = None
+
     def align_chunk(self, request: Request, num_tokens: int) -> int:
         """Shorten a hybrid model's prefill chunk to end on a page boundary (or at the branch point
         its match found), so the state after it can be checkpointed. Chunks within one page,
@@ -210,8 +254,13 @@ class KVCacheManager:
         the cache already holds the same prefix (computed by a request that ran at the same
         time), the request switches to the cache's pages and lets its own copies go.
         """
+        self._cache_pages(request, request.num_computed_tokens, request.state_slot)
+
+    def _cache_pages(self, request: Request, num_tokens: int, state_slot: int | None) -> None:
+        """Offer the full pages of the request's first `num_tokens` tokens; `state_slot` holds
+        the state after them (hybrid models), checkpointed when they end on a page."""
         cache = self.prefix_cache
-        full_pages = request.num_computed_tokens // self.page_size
+        full_pages = num_tokens // self.page_size
         done = request.num_inserted_pages
         if cache is None or full_pages <= done:
             return
@@ -223,17 +272,20 @@ class KVCacheManager:
         self._adopt_pages(request, done, cache.prefix_pages(node, after=above))
         self._lock_deeper(request, node)
         request.num_inserted_pages = full_pages
-        if request.state_slot is not None and request.num_computed_tokens % self.page_size == 0:
-            self._checkpoint(request, node)
+        if state_slot is not None and num_tokens % self.page_size == 0:
+            self._checkpoint(request, node, state_slot, num_tokens)
 
-    def _checkpoint(self, request: Request, node: RadixNode) -> None:
-        """Checkpoint the request's state on `node`, which ends at its computed tokens. Past the
-        prompt only the newest checkpoint is kept: a later turn of the conversation resumes from
-        there, and one checkpoint per page of output would crowd out the shared prompts'."""
+    def _checkpoint(
+        self, request: Request, node: RadixNode, state_slot: int, num_tokens: int
+    ) -> None:
+        """Checkpoint the state in `state_slot` on `node`, which ends after the request's first
+        `num_tokens` tokens. Past the prompt only the newest checkpoint is kept: a later turn of
+        the conversation resumes from there, and one checkpoint per page of output would crowd
+        out the shared prompts'."""
         cache = self.prefix_cache
-        if not cache.add_checkpoint(node, request.state_slot):
+        if not cache.add_checkpoint(node, state_slot):
             return
-        if request.num_computed_tokens <= request.num_prompt_tokens:
+        if num_tokens <= request.num_prompt_tokens:
             return
         previous = request.output_checkpoint
         if previous is not None and previous is not node and previous.state_checkpoint is not None:
@@ -249,9 +301,10 @@ class KVCacheManager:
         request.num_inserted_pages = 0
         request.checkpoint_target = 0
         request.output_checkpoint = None
-        if request.state_slot is not None:
-            self.state_pool.free(request.state_slot)
-            request.state_slot = None
+        self.drop_state(request)
+        for slot in request.verify_state_slots:  # preempted while being scheduled to verify
+            self.state_pool.free(slot)
+        request.verify_state_slots = []
 
     def _adopt_pages(self, request: Request, start: int, cached_pages: list[int]) -> None:
         """Use the cache's copies of the request's pages from page `start` on."""

@@ -65,12 +65,6 @@ class Engine:
         )
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
         self.scheduler = Scheduler(config.scheduler, self.kv, loaded.tokenizer.eos_token_ids)
-        if config.speculative.method is not None and self.state_pool is not None:
-            raise ValueError(
-                f"speculative decoding ({config.speculative.method}) does not support hybrid "
-                f"models yet ({loaded.config.architecture}): their recurrent state cannot be "
-                "rolled back"
-            )
         self.proposer = make_proposer(config, loaded, num_pages)
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.executor: Executor = ModelRunner(

@@ -141,10 +141,11 @@ class ModelRunner:
         context_lens: list[int],
         page_tables: list[list[int]],
         state_slots: list[int] | None = None,
+        verify_slots: list[list[int]] | None = None,
     ) -> ForwardContext:
         """The step's context over this runner's caches: `query_lens[i]` tokens of request i
         after its `context_lens[i]` cached ones, on pages `page_tables[i]`, in state slot
-        `state_slots[i]` (hybrid models)."""
+        `state_slots[i]` (hybrid models; a verify run also in `verify_slots[i]`)."""
         return ForwardContext.build(
             self.backend,
             self.kv_cache,
@@ -155,15 +156,18 @@ class ModelRunner:
             self.state_cache,
             state_slots,
             self.sparse,
+            verify_slots,
         )
 
     def _prepare_inputs(self, step: StepInput) -> tuple[torch.Tensor, ForwardContext]:
         token_ids = [t for r in step.requests for t in r.token_ids]
+        hybrid = self.state_cache is not None
         ctx = self.forward_context(
             [r.num_tokens for r in step.requests],
             [r.context_len for r in step.requests],
             [r.page_ids for r in step.requests],
-            [r.state_slot for r in step.requests] if self.state_cache is not None else None,
+            [r.state_slot for r in step.requests] if hybrid else None,
+            [r.verify_state_slots for r in step.requests] if hybrid else None,
         )
         return torch.tensor(token_ids, dtype=torch.long, device=self.device), ctx
 

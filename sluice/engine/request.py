@@ -80,6 +80,9 @@ class Request:
     state_slot: int | None = None
     checkpoint_target: int = 0
     output_checkpoint: RadixNode | None = None  # its newest checkpoint past the prompt
+    # From scheduling a verify step to its update: the slots its run leaves the state in after
+    # each token but the last (see `KVCacheManager.commit_verified_state`).
+    verify_state_slots: list[int] = field(default_factory=list)
     # Prefill/decode disaggregation. P: keep the KV when the request ends (`held` then has it).
     # D: the prompt's KV is to be pulled from P instead of computed (until the pull ends).
     keep_kv: bool = False

@@ -13,7 +13,9 @@ the sampled tokens, runs the token-level stop checks and only then offers full p
 prefix cache, so nothing uncommitted is ever cached.
 
 Hybrid models: a request is admitted only when it gets both its pages and a state slot, and
-preemption gives back both. Their recurrent state cannot be rolled back, so they take no drafts.
+preemption gives back both. Their recurrent state cannot be rolled back, so a verify step also
+borrows a slot per draft, where its run leaves the state after each token; `update` keeps the one
+after the accepted drafts (`KVCacheManager.commit_verified_state`) and gives back the others.
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ class Scheduler:
         """Drop the output past its first `num_output_tokens` tokens (a stop string ended the
         text inside a run of accepted drafts), so usage and the cache see only what is kept."""
         del request.output_token_ids[num_output_tokens:]
-        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        if request.num_computed_tokens >= request.num_tokens:
+            request.num_computed_tokens = request.num_tokens - 1
+            self.kv.drop_state(request)  # a hybrid's state holds the tokens cut: never cache it
 
     # ---- after the model ran ---------------------------------------------------------------
 
@@ -169,13 +173,21 @@ class Scheduler:
                 self.spec_stats.record(scheduled.num_speculative, accepted)
             if scheduled.num_speculative > accepted:
                 self.kv.trim(request)
-            if sampled:
-                updates.append(self._append(request, sampled[: accepted + 1]))
-            else:
+            if not sampled:
                 self.kv.cache_computed(request)
+                continue
+            update = self._append(request, sampled[: accepted + 1])
+            if request.verify_state_slots:
+                self.kv.commit_verified_state(request, scheduled.context_len)
+            if update.finish_reason is None:
+                self.kv.cache_computed(request)
+            else:
+                self.finish(request, update.finish_reason)
+            updates.append(update)
         return updates
 
     def _append(self, request: Request, sampled: list[SampledToken]) -> RequestUpdate:
+        """Append the sampled tokens up to the first that stops the request."""
         update = RequestUpdate(request, [], [])
         for token in sampled:
             request.output_token_ids.append(token.token_id)
@@ -187,10 +199,6 @@ class Scheduler:
                 break
         # A draft accepted past a stop was computed but is not part of the sequence.
         request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
-        if update.finish_reason is None:
-            self.kv.cache_computed(request)
-        else:
-            self.finish(request, update.finish_reason)
         return update
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -222,7 +230,10 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_tokens = self._chunk_size(request, budget)
-            num_tokens += (num_drafts := self._num_drafts(request, num_tokens, budget))
+            num_drafts = self.kv.acquire_verify_states(
+                request, self._num_drafts(request, num_tokens, budget), len(self.waiting)
+            )
+            num_tokens += num_drafts
             if not self._make_room(request, num_tokens, batch):
                 break  # the request itself was preempted: nothing newer is left to run
             self.kv.allocate(request, num_tokens)
@@ -238,7 +249,7 @@ class Scheduler:
         """Draft tokens to verify beside a request's last token: only once it has caught up,
         within the budget, and never more than could be kept (all accepted, plus the token
         sampled after them, must fit max_tokens and the context)."""
-        if num_tokens != request.num_pending_tokens or self.kv.state_pool is not None:
+        if num_tokens != request.num_pending_tokens:
             return 0
         room = min(
             request.params.max_tokens - len(request.output_token_ids),
@@ -330,6 +341,7 @@ def _scheduled_request(request: Request, num_tokens: int, num_drafts: int) -> Sc
         sampling,
         request.prompt_token_ids[start + 1 : end + 1] if wanted is not None else [],
         wanted or 0,
+        request.verify_state_slots,
     )
 
 

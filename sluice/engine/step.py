@@ -44,6 +44,9 @@ class ScheduledRequest:
     # how many alternatives each wants.
     prompt_targets: list[int] = field(default_factory=list)
     num_prompt_alternatives: int = 0
+    # Hybrid models, a verify run: the slots that take the state after each token of the run
+    # but the last (which goes to `state_slot`), so that any accepted length can be committed.
+    verify_state_slots: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -41,14 +41,17 @@ class ForwardContext:
         state_cache: StateCache | None = None,
         state_slots: list[int] | None = None,
         sparse: SparseDecoding | None = None,
+        verify_slots: list[list[int]] | None = None,
     ) -> ForwardContext:
         """`query_lens[i]` tokens of request i run this step after its `context_lens[i]` cached
-        ones, over pages `page_tables[i]` and (hybrid models) state slot `state_slots[i]`."""
+        ones, over pages `page_tables[i]` and (hybrid models) state slot `state_slots[i]`;
+        a hybrid's verify run keeps the state after each of its tokens but the last in
+        `verify_slots[i]` (see `StateMetadata`)."""
         attn = backend.build_metadata(
             query_lens, context_lens, page_tables, kv_cache.page_size, device
         )
         state = None
         if state_cache is not None:
-            state = StateMetadata.build(query_lens, state_slots, device)
+            state = StateMetadata.build(query_lens, state_slots, device, verify_slots)
         decodes_only = all(n == 1 for n in query_lens)
         return cls(attn, kv_cache, backend, state, state_cache, decodes_only, sparse)

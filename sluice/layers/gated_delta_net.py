@@ -7,8 +7,9 @@ strength beta:
     S_t = exp(g_t) * (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        o_t = S_t^T q_t
 
 i.e. the decayed state's prediction for k_t is moved a fraction beta_t towards v_t (the delta
-rule). Decodes run that step batched over requests; a prefill chunk runs the equivalent chunked
-form (`chunked_gated_delta_rule`), which turns each chunk of tokens into a few matmuls.
+rule). Decodes (and the tokens of verify runs, see `layers/state.py`) run that step batched over
+requests; a prefill chunk runs the equivalent chunked form (`chunked_gated_delta_rule`), which
+turns each chunk of tokens into a few matmuls.
 In front sits a short causal conv1d over q, k and v; behind, a norm gated by silu(z).
 
 Per state slot the layer keeps, in the state cache, the conv state (the last `kernel - 1` conv
@@ -27,7 +28,7 @@ from sluice.layers.conv1d import causal_conv1d, causal_conv1d_step
 from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear
 from sluice.layers.norm import GatedRMSNorm
-from sluice.layers.state import StateSpec
+from sluice.layers.state import StateSpec, TokenStep
 
 CHUNK_SIZE = 64
 L2_NORM_EPS = 1e-6
@@ -79,15 +80,10 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b.float())
         log_decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out = x.new_empty(x.shape[0], self.num_value_heads, self.value_head_dim)
-        if state.num_decodes:
-            rows = state.decode_token_index
+        for step in state.token_steps:
+            rows = step.token_index
             out[rows] = self._decode(
-                qkv[rows],
-                log_decay[rows],
-                beta[rows],
-                conv_state,
-                recurrent_state,
-                state.decode_slots,
+                qkv[rows], log_decay[rows], beta[rows], conv_state, recurrent_state, step
             )
         for run in state.prefills:
             rows = slice(run.start, run.end)
@@ -124,14 +120,16 @@ class GatedDeltaNet(nn.Module):
         beta: torch.Tensor,
         conv_state: torch.Tensor,
         recurrent_state: torch.Tensor,
-        slots: torch.Tensor,
+        step: TokenStep,
     ) -> torch.Tensor:
-        """One token for each of B requests, read from and written back to their slots."""
-        mixed, new_conv = causal_conv1d_step(qkv, self._conv_weight(), None, conv_state[slots])
-        conv_state.index_copy_(0, slots, new_conv.to(conv_state.dtype))
+        """One token for each of B requests (a decode, or a token of a verify run), from the
+        state in its read slot to its write slot."""
+        reads, writes = step.read_slots, step.write_slots
+        mixed, new_conv = causal_conv1d_step(qkv, self._conv_weight(), None, conv_state[reads])
+        conv_state.index_copy_(0, writes, new_conv.to(conv_state.dtype))
         q, k, v = self._heads(mixed)
-        out, new_recurrent = gated_delta_step(q, k, v, log_decay, beta, recurrent_state[slots])
-        recurrent_state.index_copy_(0, slots, new_recurrent)
+        out, new_recurrent = gated_delta_step(q, k, v, log_decay, beta, recurrent_state[reads])
+        recurrent_state.index_copy_(0, writes, new_recurrent)
         return out.to(qkv.dtype)
 
     def _prefill(

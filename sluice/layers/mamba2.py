@@ -9,7 +9,9 @@ where x comes from the input projection through a short causal conv, B and C are
 heads of a group, and dt is a per-head time step. Decodes take one recurrent step each, batched;
 a prefill chunk uses the chunked (SSD) form: attention-like matmuls inside chunks of
 `chunk_size` tokens, the recurrence only across chunk boundaries. Both start from the request's
-slot and write the state after their last token back to it.
+slot and write the state after their last token back to it. The tokens of a verify run
+(speculative decoding) step one by one like decodes, each state to its own slot (see
+`layers/state.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sluice.config import Mamba2Config
 from sluice.layers.conv1d import causal_conv1d, causal_conv1d_step
 from sluice.layers.forward_context import ForwardContext
 from sluice.layers.linear import Linear
-from sluice.layers.state import StateSpec
+from sluice.layers.state import StateSpec, TokenStep
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -95,9 +97,9 @@ class Mamba2Mixer(nn.Module):
             [self.inner_size, self.conv_dim, self.config.num_heads], dim=-1
         )
         y = gate.new_empty(x.shape[0], self.inner_size)
-        if state.num_decodes:
-            rows = state.decode_token_index
-            y[rows] = self._decode(conv_in[rows], dt[rows], tensors, state.decode_slots)
+        for step in state.token_steps:
+            rows = step.token_index
+            y[rows] = self._decode(conv_in[rows], dt[rows], tensors, step)
         for run in state.prefills:
             rows = slice(run.start, run.end)
             y[rows] = self._prefill(conv_in[rows], dt[rows], tensors, run.slot)
@@ -108,16 +110,18 @@ class Mamba2Mixer(nn.Module):
         conv_in: torch.Tensor,
         dt: torch.Tensor,
         state: dict[str, torch.Tensor],
-        slots: torch.Tensor,
+        step: TokenStep,
     ) -> torch.Tensor:
-        """One token for each of b requests: [b, conv_dim] -> [b, inner]."""
+        """One token for each of b requests (a decode, or a token of a verify run), from the
+        state in its read slot to its write slot: [b, conv_dim] -> [b, inner]."""
         conv_state, ssm_state = state["conv_state"], state["ssm_state"]
-        conv_out, conv_state[slots] = causal_conv1d_step(
-            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state[slots]
+        reads, writes = step.read_slots, step.write_slots
+        conv_out, conv_state[writes] = causal_conv1d_step(
+            conv_in, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state[reads]
         )
         x, B, C = self._split_conv_out(conv_out)
-        y, ssm_state[slots] = ssd_step(
-            x, self._time_step(dt), self._decay_rate(), B, C, ssm_state[slots]
+        y, ssm_state[writes] = ssd_step(
+            x, self._time_step(dt), self._decay_rate(), B, C, ssm_state[reads]
         )
         return self._with_skip(y, x)
 

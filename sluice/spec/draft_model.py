@@ -41,17 +41,18 @@ def load_draft(
     draft would load the same weights (no second copy in memory)."""
     path = target.path if config.draft_model == SELF_DRAFT else resolve_model(config.draft_model)
     quantization = draft_quantization(config)
-    if path.resolve() == target.path.resolve() and _same_weights(
-        path, quantization, target_quantization
-    ):
-        return target
-    draft = load_model(path, device, dtype, quantization)
+    same = path.resolve() == target.path.resolve()
+    if same and _same_weights(path, quantization, target_quantization):
+        draft = target
+    else:
+        draft = load_model(path, device, dtype, quantization)
     if draft.config.is_hybrid:
         raise ValueError(
             f"draft model {path}: a hybrid model ({draft.config.architecture}) cannot draft, "
             "its recurrent state cannot be rolled back"
         )
-    check_same_vocabulary(target, draft)
+    if draft is not target:
+        check_same_vocabulary(target, draft)
     return draft
 
 
