@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sluice.spec.policy import DRAFT_ROW_COST
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -173,6 +175,10 @@ class SpeculativeConfig:
     # No proposals while more requests than this run: a large batch is bound by compute, not by
     # reading the weights, so verifying drafts costs more than it saves (docs/benchmarks.md).
     disable_batch_size: int = 8
+    # What one draft row adds to a step, in one-row decode steps (measured: docs/benchmarks.md):
+    # each request proposes only the drafts its acceptance rate pays for (spec/policy.py); 0
+    # proposes `num_speculative_tokens` whatever they cost.
+    draft_row_cost: float = DRAFT_ROW_COST
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in SPECULATIVE_METHODS:
@@ -190,6 +196,8 @@ class SpeculativeConfig:
             )
         if self.disable_batch_size < 1:
             raise ValueError(f"disable_batch_size must be >= 1, got {self.disable_batch_size}")
+        if self.draft_row_cost < 0:
+            raise ValueError(f"draft_row_cost must be >= 0, got {self.draft_row_cost}")
 
 
 @dataclass
@@ -239,6 +247,7 @@ class EngineConfig:
         ngram_min: int = 1,
         ngram_max: int = 4,
         speculative_disable_batch_size: int = 8,
+        speculative_draft_row_cost: float = DRAFT_ROW_COST,
         cuda_graphs: bool = True,
         sparsity: str | None = None,
         sparsity_rule: str = "auto",
@@ -271,6 +280,7 @@ class EngineConfig:
                 ngram_min,
                 ngram_max,
                 speculative_disable_batch_size,
+                speculative_draft_row_cost,
             ),
         )
 

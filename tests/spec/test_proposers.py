@@ -91,6 +91,7 @@ def test_suffix_global_tree_keeps_only_the_recent_outputs():
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"ngram_min": 3, "ngram_max": 2}, "ngram_min"),
         ({"disable_batch_size": 0}, "disable_batch_size"),
+        ({"draft_row_cost": -0.5}, "draft_row_cost"),
     ],
 )
 def test_bad_settings_are_named(settings, error):
