@@ -24,7 +24,7 @@ from dataclasses import dataclass
 # What a draft row adds to a verify step, in one-row decode steps: the default of
 # `SpeculativeConfig.draft_row_cost`, measured with the compiled step on the default model
 # (docs/benchmarks.md).
-DRAFT_ROW_COST = 0.25
+DRAFT_ROW_COST = 0.3
 # Weight of each earlier verify step's counts after one more (memory of about five steps).
 DECAY = 0.8
 # The prior: one draft accepted in two trials (a rate of 1/2) until the request's own counts.

@@ -108,7 +108,7 @@ def test_a_verify_step_runs_the_decode_graph(own_model, monkeypatch):
         prefill = torch.randint(0, vocab, (60,), generator=generator)
         own_model.model(prefill, eager_context(runner, [60], [0], [[1, 2, 3, 4]]))
         ids = torch.randint(0, vocab, (7,), generator=generator)
-        query_lens, context_lens, tables = [1, 6], [25, 59], [[9, 10], [1, 2, 3, 4]]
+        query_lens, context_lens, tables = [1, 6], [25, 59], [[9, 10], [1, 2, 3, 4, 5]]
         rows = torch.arange(7)
         ctx = eager_context(runner, query_lens, context_lens, tables)
         eager = own_model.model.compute_logits(own_model.model(ids, ctx)[rows])

@@ -261,6 +261,18 @@ def test_avx2_kernel_for_any_number_of_rows(
         assert (y - packed.matmul(x)).norm() / y.norm() < 1e-2
 
 
+def test_avx2_kernel_names_bad_operands() -> None:
+    skip_unless_runs("avx2")
+    qw = quantize(torch.randn(32, 64), "int4", layout="avx2")
+    assert isinstance(qw, Int4Avx2Weight)
+    with pytest.raises(RuntimeError, match="96 inputs do not fit"):
+        int4_avx2_cpu.linear(torch.randn(2, 96), qw.codes, qw.scale_offset, 32)
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        int4_avx2_cpu.linear(torch.randn(2, 64).bfloat16(), qw.codes, qw.scale_offset, 32)
+    with pytest.raises(RuntimeError, match="scale_offset must be"):
+        int4_avx2_cpu.linear(torch.randn(2, 64), qw.codes, qw.scale_offset.float(), 32)
+
+
 @pytest.mark.parametrize("layout_name", ["tiled", "avx2"])
 def test_native_kernel_in_a_compiled_graph(layout_name: str) -> None:
     """The operators have shape functions, so torch.compile traces them into a full graph."""
