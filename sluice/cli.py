@@ -11,6 +11,7 @@ import sys
 from sluice.loaders.model_path import DEFAULT_MODEL
 from sluice.sampling_params import SamplingParams
 from sluice.server.limits import DEFAULT_MAX_SEQUENCES_PER_REQUEST
+from sluice.spec.policy import DRAFT_ROW_COST
 
 QUANTIZATION_HELP = (
     "auto: keep GGUF weights quantized where a kernel exists (and a `sluice compress --quantize "
@@ -124,6 +125,13 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="propose nothing while more requests than this run",
     )
+    group.add_argument(
+        "--speculative-draft-row-cost",
+        type=float,
+        default=DRAFT_ROW_COST,
+        help="what a draft row adds to a step, in one-row decode steps: each request proposes "
+        "only the drafts its acceptance rate pays for (0: always the full k)",
+    )
 
 
 ENGINE_OPTIONS = (
@@ -148,6 +156,7 @@ ENGINE_OPTIONS = (
     "speculative_disable_batch_size",
     "draft_model",
     "draft_quantization",
+    "speculative_draft_row_cost",
     "cuda_graphs",
     "sparsity",
     "sparsity_rule",

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sluice.spec.policy import DRAFT_ROW_COST
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -180,6 +182,10 @@ class SpeculativeConfig:
     # `quantization=auto` would load it; for "self", int4).
     draft_model: str | None = None
     draft_quantization: str = "auto"
+    # What one draft row adds to a step, in one-row decode steps (measured: docs/benchmarks.md):
+    # each request proposes only the drafts its acceptance rate pays for (spec/policy.py); 0
+    # proposes `num_speculative_tokens` whatever they cost.
+    draft_row_cost: float = DRAFT_ROW_COST
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in SPECULATIVE_METHODS:
@@ -211,6 +217,8 @@ class SpeculativeConfig:
             )
         if self.disable_batch_size < 1:
             raise ValueError(f"disable_batch_size must be >= 1, got {self.disable_batch_size}")
+        if self.draft_row_cost < 0:
+            raise ValueError(f"draft_row_cost must be >= 0, got {self.draft_row_cost}")
 
 
 @dataclass
@@ -262,6 +270,7 @@ class EngineConfig:
         speculative_disable_batch_size: int = 8,
         draft_model: str | None = None,
         draft_quantization: str = "auto",
+        speculative_draft_row_cost: float = DRAFT_ROW_COST,
         cuda_graphs: bool = True,
         sparsity: str | None = None,
         sparsity_rule: str = "auto",
@@ -296,6 +305,7 @@ class EngineConfig:
                 speculative_disable_batch_size,
                 draft_model,
                 draft_quantization,
+                speculative_draft_row_cost,
             ),
         )
 

@@ -4,7 +4,8 @@ by every layer.
 `AttentionMetadata` describes any step for the eager attention: positions, the cache slot of each
 new token, and its requests in groups that share one call (decodes, prompt chunks padded to the
 longest, and in compiled steps the rows of the paged kernel). `DecodeMetadata` describes a step
-of decodes alone as tensors only, so a compiled graph can take it as an input.
+of short queries (decodes, and decodes with draft tokens to verify) as tensors only, one row per
+token, so a compiled graph can take it as an input.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ import torch
 # queries, is the faster (a 512-token chunk ending at 2048 tokens: SDPA took 0.7-0.8x the
 # kernel's time; from an empty context, 1.2x).
 KERNEL_MAX_CONTEXT = 1024
+# Compiled steps whose every request computes at most this many tokens (decodes, the verify
+# steps of speculative decoding, a prompt's short last chunk) run the decode graph, a row per
+# token: each token reads its context through the paged kernel like a decode, so a query of n
+# tokens reads its context n times, which for a few tokens costs far less than the other graph's
+# Python between layers (docs/benchmarks.md).
+DECODE_GRAPH_MAX_QUERY = 16
+
+
+def runs_as_decode_rows(query_lens: list[int]) -> bool:
+    """Whether a step's requests all compute few enough tokens to be decode rows."""
+    return all(n <= DECODE_GRAPH_MAX_QUERY for n in query_lens)
 
 
 @dataclass
@@ -95,28 +107,36 @@ class AttentionMetadata:
 
 @dataclass
 class DecodeMetadata:
-    """A step of one new token per sequence, as tensors only: the compiled decode graph takes it
-    as an input, so the cache writes and the paged kernel are traced into that graph with no
-    Python between layers. Page tables have at least two columns (padding pages are masked out
-    by `kv_lens`), so one compilation fits every step."""
+    """A step of short queries as tensors only, one row per token: the compiled decode graph
+    takes it as an input, so the cache writes and the paged kernel are traced into that graph
+    with no Python between layers. A row is one token with its sequence's page table and, as
+    its context, the tokens up to itself: every row's K/V is written before any row attends, so
+    a request's later tokens (drafts to verify) see its earlier ones. Page tables have at least
+    two columns (padding pages are masked out by `kv_lens`), so one compilation fits every
+    step."""
 
-    positions: torch.Tensor  # [B] position of each sequence's new token
-    slot_mapping: torch.Tensor  # [B] flat cache slot its K/V goes to
-    page_tables: torch.Tensor  # [B, P] page ids, padded with 0
-    kv_lens: torch.Tensor  # [B] context length including the new token
+    positions: torch.Tensor  # [T] position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] flat cache slot its K/V goes to
+    page_tables: torch.Tensor  # [T, P] its sequence's page ids, padded with 0
+    kv_lens: torch.Tensor  # [T] context length including the token
 
     @classmethod
     def build(
         cls,
+        query_lens: list[int],
         context_lens: list[int],
         page_tables: list[list[int]],
         page_size: int,
         device: torch.device,
     ) -> DecodeMetadata:
-        """`context_lens[i]`: tokens of sequence i already cached before this step."""
-        positions = torch.tensor(context_lens)
-        table = _page_table(page_tables, max(2 * page_size, max(context_lens) + 1), page_size)
-        rows = torch.arange(len(context_lens))
+        """`query_lens[i]` tokens of sequence i after its `context_lens[i]` cached ones."""
+        q_lens = torch.tensor(query_lens)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
+        offset = torch.arange(len(seq_of_token)) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_token]
+        positions = torch.tensor(context_lens)[seq_of_token] + offset
+        max_kv = max(c + q for c, q in zip(context_lens, query_lens))
+        table = _page_table(page_tables, max(2 * page_size, max_kv), page_size)[seq_of_token]
+        rows = torch.arange(len(positions))
         slots = table[rows, positions // page_size] * page_size + positions % page_size
         return cls(
             positions.to(device), slots.to(device), table.to(device), (positions + 1).to(device)

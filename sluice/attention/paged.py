@@ -8,10 +8,10 @@ the chunk's queries.
 
 The kernel is sluice's own (`kernels/attention_cpu.cpp`, CPUs with AVX-512) or
 `paged_decode_attention`, plain tensor ops that inductor compiles so that the gather fuses into
-the dot products and the weighted sum. Steps of decodes alone (`DecodeMetadata`) are traced into
-the compiled decode graph: the cache writes become in-place scatters into the layer's pools
-and the kernel fuses with the rest. Other steps run eagerly (inside the compiled step's opaque
-operator, `attention/opaque.py`).
+the dot products and the weighted sum. Steps of short queries alone (`DecodeMetadata`: decodes,
+speculative verify steps, a row per token) are traced into the compiled decode graph: the cache
+writes become in-place scatters into the layer's pools and the kernel fuses with the rest.
+Other steps run eagerly (inside the compiled step's opaque operator, `attention/opaque.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sluice.attention.metadata import AttentionGroup, AttentionMetadata, DecodeMetadata
+from sluice.attention.metadata import (
+    AttentionGroup,
+    AttentionMetadata,
+    DecodeMetadata,
+    runs_as_decode_rows,
+)
 from sluice.attention.sdpa import SdpaBackend
 from sluice.kernels import attention_cpu
 
@@ -45,9 +50,10 @@ class PagedBackend(SdpaBackend):
         page_size: int,
         device: torch.device,
     ) -> StepMetadata:
-        """Decodes alone go to the decode graph, as tensors only."""
-        if all(n == 1 for n in query_lens):
-            return DecodeMetadata.build(context_lens, page_tables, page_size, device)
+        """Steps of short queries (decodes, verify steps) go to the decode graph, as tensors
+        only, a row per token."""
+        if runs_as_decode_rows(query_lens):
+            return DecodeMetadata.build(query_lens, context_lens, page_tables, page_size, device)
         return AttentionMetadata.build(
             query_lens, context_lens, page_tables, page_size, device, paged_kernel=True
         )

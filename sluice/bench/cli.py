@@ -1,4 +1,4 @@
-"""`sluice bench {offline,latency,serve,prefix-cache,speculative,pd-transfer,pd-mixed,
+"""`sluice bench {offline,latency,serve,prefix-cache,speculative,verify-step,pd-transfer,pd-mixed,
 structured,sparsity}`: the benchmarks' command line.
 
 Each subcommand imports its module only when it runs, so torch, transformers and httpx are not
@@ -24,6 +24,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_serve(kinds)
     _add_prefix_cache(kinds)
     _add_speculative(kinds)
+    _add_verify_step(kinds)
     _add_pd_transfer(kinds)
     _add_pd_mixed(kinds)
     _add_structured(kinds)
@@ -180,6 +181,19 @@ def _add_structured(kinds: argparse._SubParsersAction) -> None:
     _add_common(structured)
     add_engine_args(structured)
     structured.set_defaults(func=_runner("structured"))
+
+
+def _add_verify_step(kinds: argparse._SubParsersAction) -> None:
+    verify = kinds.add_parser(
+        "verify-step",
+        help="a speculative verify step of 1 + k rows against a one-row decode (compiled step)",
+    )
+    verify.add_argument("--rows", type=_int_list, default=[1, 2, 4, 6, 9], help="1 + k values")
+    verify.add_argument("--context", type=_POSITIVE, default=300, help="tokens before the step")
+    verify.add_argument("--rounds", type=_POSITIVE, default=7, help="interleaved rounds")
+    _add_common(verify)
+    add_engine_args(verify)
+    verify.set_defaults(func=_runner("verify_step"))
 
 
 def _add_prefix_cache(kinds: argparse._SubParsersAction) -> None:

@@ -5,8 +5,9 @@ residual adds, dtype casts), each a few microseconds of dispatch for a few hundr
 when decoding; compiled, they fuse into a few kernels (C++ on the CPU). An attention-only model
 gets two graphs, each serving its steps whatever their sizes (token and row counts are unbacked:
 not specialized, not even to 0 or 1):
-- decodes alone, the steady state of every stream: attention is traced in (cache writes as
-  in-place scatters, the paged decode kernel), so no Python runs between layers;
+- steps of short queries, a row per token: decodes alone, the steady state of every stream, and
+  the verify steps of speculative decoding (1 + k tokens a request): attention is traced in
+  (cache writes as in-place scatters, the paged decode kernel), so no Python runs between layers;
 - every other step (prefill chunks, alone or beside decodes): attention is an opaque operator
   (attention/opaque.py), so variable-length prompts and their masks stay out of the graph.
 
@@ -31,7 +32,7 @@ import torch
 
 from sluice.attention import opaque
 from sluice.attention.backend import AttentionBackend
-from sluice.attention.metadata import DecodeMetadata
+from sluice.attention.metadata import DECODE_GRAPH_MAX_QUERY, DecodeMetadata
 from sluice.cache.kv_cache import KVCache
 from sluice.layers.forward_context import ForwardContext
 from sluice.memory import loading_allocations_mapped
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledStep:
-    """Two graphs over one model: decodes alone, with attention traced in, and every other step
-    (prefill chunks, alone or beside decodes), with attention as the opaque operator."""
+    """Two graphs over one model: short queries (decodes, verify steps), with attention traced
+    in, and every other step (prefill chunks, alone or beside decodes), with attention as the
+    opaque operator."""
 
     def __init__(self, model: CausalLM, backend: AttentionBackend) -> None:
         self.model = model
@@ -64,11 +66,20 @@ class CompiledStep:
             torch._dynamo.decorators.mark_unbacked(per_token, 0)
         self.backend.mark_dynamic(ctx.attn)
         if isinstance(ctx.attn, DecodeMetadata):
-            with sparse_decoding.installed(ctx.sparse):
+            with sparse_decoding.installed(_decode_graph_sparsity(ctx)):
                 return self._decode_graph(self.model, input_ids, ctx, rows)
         with opaque.installed(ctx):
             traced_ctx = dataclasses.replace(ctx, backend=self._opaque)
             return self._graph(self.model, input_ids, traced_ctx, rows)
+
+
+def _decode_graph_sparsity(ctx: ForwardContext) -> SparseDecoding | None:
+    """What the decode graph's MLPs run: it calls the sparse operator in every step, but only
+    steps of one token a request are sparse (`ForwardContext.decodes_only`); a verify step's rows
+    run dense, as they do eagerly."""
+    if ctx.sparse is None or ctx.decodes_only:
+        return ctx.sparse
+    return ctx.sparse.dense_rows()
 
 
 def _step(
@@ -167,7 +178,14 @@ def _compile(
     return compiled
 
 
-# Decodes (one, then two), a prompt, a prompt beside two decodes: sizes that are all distinct
-# (batch, pages, tokens), so the kernels compile general in each rather than for sizes that
-# happened to be equal.
-_WARMUP_STEPS = (([1], [0]), ([1, 1], [40, 0]), ([3], [0]), ([1, 2, 1], [40, 0, 7]))
+# Decodes (one, then two), a verify step beside a decode, a prompt, a prompt beside two
+# decodes (prompts longer than the decode graph takes): sizes that are all distinct (batch,
+# pages, tokens), so the kernels compile general in each rather than for sizes that happened
+# to be equal.
+_WARMUP_STEPS = (
+    ([1], [0]),
+    ([1, 1], [40, 0]),
+    ([1, 4], [70, 0]),
+    ([DECODE_GRAPH_MAX_QUERY + 4], [0]),
+    ([1, DECODE_GRAPH_MAX_QUERY + 1, 1], [40, 0, 7]),
+)

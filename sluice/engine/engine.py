@@ -24,6 +24,7 @@ from sluice.models.registry import LoadedModel, load_model
 from sluice.sampling_params import CONTEXT_LENGTH_EXCEEDED, InvalidParameterError, SamplingParams
 from sluice.sparse.decoding import SparseDecoding
 from sluice.sparse.profile import SparsityProfile
+from sluice.spec.policy import DraftPolicy
 from sluice.spec.proposer import make_proposer
 from sluice.structured.grammar import GrammarCompiler
 
@@ -66,6 +67,9 @@ class Engine:
         self.kv = KVCacheManager(self.pool, page_size, self.prefix_cache, self.state_pool)
         self.scheduler = Scheduler(config.scheduler, self.kv, loaded.tokenizer.eos_token_ids)
         self.proposer = make_proposer(config, loaded, num_pages)
+        self.draft_policy = DraftPolicy(
+            config.speculative.num_speculative_tokens, config.speculative.draft_row_cost
+        )
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.executor: Executor = ModelRunner(
             loaded.model,
@@ -289,19 +293,19 @@ class Engine:
         return outputs + [self._output(update) for update in self.scheduler.update(batch, output)]
 
     def _propose(self) -> None:
-        """Drafts for the running requests that have caught up (one pending token), unless so
-        many run that verifying drafts would cost more than it saves."""
-        spec = self.config.speculative
+        """Drafts for the running requests that have caught up (one pending token), as many as
+        each one's acceptance rate pays for (spec/policy.py), none while so many run that
+        verifying drafts would cost more than it saves."""
         running = self.scheduler.running
-        if len(running) > spec.disable_batch_size:
+        if len(running) > self.config.speculative.disable_batch_size:
             return
         ready = [r for r in running if r.num_pending_tokens == 1 and r.params.speculative]
+        wanted = [self.draft_policy.num_drafts(r.draft_acceptance, len(running)) for r in ready]
+        ready, wanted = [r for r, n in zip(ready, wanted) if n], [n for n in wanted if n]
         if not ready:
             return
-        for request, drafts in zip(
-            ready, self.proposer.propose(ready, spec.num_speculative_tokens)
-        ):
-            request.spec_token_ids = drafts
+        for request, drafts, count in zip(ready, self.proposer.propose(ready, max(wanted)), wanted):
+            request.spec_token_ids = drafts[:count]
 
     def _output(self, update: RequestUpdate) -> RequestOutput:
         """Text for the new tokens; a stop string in it ends the request at the token that

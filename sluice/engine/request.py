@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sluice.sampling_params import SamplingParams
+from sluice.spec.policy import AcceptanceEstimate
 
 if TYPE_CHECKING:
     from sluice.disagg.params import PendingPrefill, RemotePrefill, TransferRequest
@@ -72,6 +73,8 @@ class Request:
     first_scheduled_time: float | None = None  # set by the scheduler when it first admits it
     # Draft tokens proposed to follow the output; the next step verifies them with the model.
     spec_token_ids: list[int] = field(default_factory=list)
+    # How often its drafts were accepted: how many it proposes (spec/policy.py).
+    draft_acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     cache_salt: str = ""  # prefix-cache namespace: requests with different salts share nothing
     prefix_node: RadixNode | None = None  # deepest prefix-cache node this request holds a lock on
     num_inserted_pages: int = 0  # leading pages of page_ids already offered to the prefix cache

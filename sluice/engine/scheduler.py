@@ -171,6 +171,7 @@ class Scheduler:
             request.spec_token_ids = []
             if scheduled.num_speculative:
                 self.spec_stats.record(scheduled.num_speculative, accepted)
+                request.draft_acceptance.record(scheduled.num_speculative, accepted)
             if scheduled.num_speculative > accepted:
                 self.kv.trim(request)
             if not sampled:

@@ -9,13 +9,15 @@ per-group offset maps onto it:
   two planes laid side by side along the input axis, with x repeated once per plane, so one kernel
   call still computes the whole product.
 
-Two kernels, two layouts:
+Kernels and their layouts:
 
 - "tiled" (`Int4TiledWeight`): sluice's own AVX512-VNNI kernel (kernels/int4_cpu.cpp), where the
   CPU has it. Scales and offsets are float16, so the legacy formats (whose d and m are float16)
   are exact; K-quant scales d * sc are rounded to float16.
+- "avx2" (`Int4Avx2Weight`): sluice's own AVX2 kernel (kernels/int4_avx2_cpu.cpp) on x86 CPUs
+  without VNNI: float32 activations and sums, float16 scales and offsets as "tiled".
 - "int4pack" (`Int4PackedWeight`): PyTorch's `aten._weight_int4pack_mm_for_cpu` everywhere else
-  (AVX2, ARM). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
+  (ARM, or where no C++ compiler builds sluice's kernels). It computes (c - 8) * scale + zero with bf16 scales and zeros, so those are rounded
   to bf16, an error of the size of the bf16 rounding of activations and outputs.
 - "int4pack_cuda" (`Int4CudaPackedWeight`): the same arithmetic on NVIDIA GPUs
   (`aten._weight_int4pack_mm`, tensor cores, bf16 activations), codes in its own tiled layout.
@@ -37,10 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sluice.kernels import int4_cpu
+from sluice.kernels import int4_avx2_cpu, int4_cpu
 
 QType = gguf.GGMLQuantizationType
-Layout = Literal["tiled", "int4pack", "int4pack_cuda"]
+Layout = Literal["tiled", "avx2", "int4pack", "int4pack_cuda"]
 
 # Every GGUF format above has one scale and offset per 32 weights.
 GGUF_GROUP_SIZE = 32
@@ -220,6 +222,39 @@ def _pairs_deinterleaved(stored: Tensor) -> Tensor:
     return torch.cat([pairs.reshape(stored[:paired].shape), stored[paired:]])
 
 
+class Int4Avx2Weight(_PlanarInt4Weight):
+    """The layout of sluice's AVX2 kernel (see kernels/int4_avx2_cpu.cpp): codes [tiles, in, 8],
+    byte j of an input holding rows j (low nibble) and 8 + j (high) of its tile, and float16
+    (scale, offset) [tiles, groups, 2, 16]."""
+
+    def _store(self, codes: Tensor, scales: Tensor, offsets: Tensor) -> None:
+        tiles = codes.shape[0] // int4_avx2_cpu.TILE_ROWS
+        per_input = codes.to(torch.uint8).view(tiles, int4_avx2_cpu.TILE_ROWS, -1).transpose(1, 2)
+        self.codes = (per_input[..., :8] | (per_input[..., 8:] << 4)).contiguous()
+        scale_offset = torch.stack([scales, offsets], dim=-1).to(torch.float16)
+        scale_offset = scale_offset.view(tiles, int4_avx2_cpu.TILE_ROWS, -1, 2)
+        self.scale_offset = scale_offset.permute(0, 2, 3, 1).contiguous()
+
+    def _stored(self) -> tuple[Tensor, Tensor, Tensor]:
+        per_input = torch.cat([self.codes & 15, self.codes >> 4], dim=-1)  # [tiles, in, 16]
+        codes = per_input.transpose(1, 2).reshape(-1, per_input.shape[1])
+        scale_offset = self.scale_offset.permute(0, 3, 1, 2).float()  # [tiles, 16, groups, 2]
+        scale_offset = scale_offset.reshape(codes.shape[0], -1, 2)
+        return codes.float(), scale_offset[..., 0], scale_offset[..., 1]
+
+    def _storage(self) -> list[Tensor]:
+        return [self.codes, self.scale_offset]
+
+    def _multiply(self, rows: Tensor) -> Tensor:
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        return int4_avx2_cpu.linear(rows, self.codes, self.scale_offset, self.group_size)
+
+    def _concatenate(self, parts: list[_PlanarInt4Weight]) -> None:
+        self.codes = torch.cat([p.codes for p in parts])
+        self.scale_offset = torch.cat([p.scale_offset for p in parts])
+
+
 class Int4PackedWeight(_PlanarInt4Weight):
     """PyTorch's CPU int4pack layout, multiplied by `aten._weight_int4pack_mm_for_cpu` with bf16
     (scale, zero = offset + 8 * scale) pairs."""
@@ -301,16 +336,24 @@ def cuda_inner_k_tiles(inputs: int) -> int:
 
 
 def _weight_class(layout: Layout | None) -> type[_PlanarInt4Weight]:
-    """The layout asked for, else sluice's kernel where this CPU runs it."""
+    """The layout asked for, else sluice's fastest kernel where this CPU runs one."""
     if layout == "int4pack_cuda":
         return Int4CudaPackedWeight
     if layout is None:
-        layout = "tiled" if int4_cpu.available() else "int4pack"
+        layout = _native_layout()
     if layout == "int4pack":
         return Int4PackedWeight
-    if layout != "tiled" or not int4_cpu.available():
-        raise ValueError(f"layout {layout!r} is not one this CPU runs; expected 'int4pack'")
-    return Int4TiledWeight
+    if layout == "tiled" and int4_cpu.available():
+        return Int4TiledWeight
+    if layout == "avx2" and int4_avx2_cpu.available():
+        return Int4Avx2Weight
+    raise ValueError(f"layout {layout!r} is not one this CPU runs; expected 'int4pack'")
+
+
+def _native_layout() -> Layout:
+    if int4_cpu.available():
+        return "tiled"
+    return "avx2" if int4_avx2_cpu.available() else "int4pack"
 
 
 def _pack_codes(codes: Tensor) -> Tensor:

@@ -90,9 +90,16 @@ class SparseDecoding:
         """This decoding's masks applied to every row of any step, through the dense kernels:
         the perplexity of the sparse model at the cost of a dense pass (the sparse kernels
         compute the same masked product; tests/sparse)."""
+        return self._with(all_rows=True)
+
+    def dense_rows(self) -> SparseDecoding:
+        """This decoding with every row dense (for steps that are not decodes alone), but for
+        `every_row`'s masks."""
+        return self._with(max_rows=0)
+
+    def _with(self, **changes: object) -> SparseDecoding:
         clone = object.__new__(SparseDecoding)
-        clone.__dict__.update(self.__dict__)
-        clone.all_rows = True
+        clone.__dict__.update(self.__dict__, **changes)
         return clone
 
     def _masked_dense(self, layer: SparseLayer, x: Tensor) -> Tensor:

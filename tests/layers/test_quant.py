@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sluice.kernels import int4_cpu
+from sluice.kernels import int4_avx2_cpu, int4_cpu
 from sluice.layers.quant import (
+    Int4Avx2Weight,
     Int4PackedWeight,
     Int4TiledWeight,
     QuantizedWeight,
@@ -29,15 +30,21 @@ ZERO_FREE_TYPES = [QType.Q4_0, QType.Q5_0, QType.Q8_0]
 
 # 72 rows is not a multiple of 16, so the row padding (and an odd last tile) is exercised too.
 OUT, IN = 72, 512
-LAYOUT_CLASSES = {"tiled": Int4TiledWeight, "int4pack": Int4PackedWeight}
+LAYOUT_CLASSES = {"tiled": Int4TiledWeight, "avx2": Int4Avx2Weight, "int4pack": Int4PackedWeight}
+# Whether each of sluice's kernels runs here (and a C++ compiler built it).
+NATIVE = {"tiled": int4_cpu.available, "avx2": int4_avx2_cpu.available}
 
 
 @pytest.fixture(params=list(LAYOUT_CLASSES))
 def layout(request: pytest.FixtureRequest) -> str:
-    """Each test runs on both kernels; sluice's needs AVX512-VNNI (and a C++ compiler)."""
-    if request.param == "tiled" and not int4_cpu.available():
-        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
+    """Each test runs on every kernel: sluice's need AVX512-VNNI ("tiled") or AVX2 ("avx2")."""
+    skip_unless_runs(request.param)
     return request.param
+
+
+def skip_unless_runs(layout: str) -> None:
+    if layout in NATIVE and not NATIVE[layout]():
+        pytest.skip(reason=f"sluice's {layout} int4 kernel does not run on this machine")
 
 
 def random_weight(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -87,19 +94,21 @@ def assert_matmul_matches(qw: QuantizedWeight, deq: torch.Tensor, ref: torch.Ten
 def assert_product_of_seen_weights(
     qw: QuantizedWeight, x: torch.Tensor, y: torch.Tensor, deq: torch.Tensor
 ) -> None:
-    """Against the weights the kernel sees. sluice's kernel quantizes activations per group to
-    int8 in two passes for fp32 (an error of at most 1/256 of the group's step, max |x| / 127)
-    and in one for bf16 and for a weight that only ranks (half a step), then sums exactly;
-    int4pack rounds activations and outputs to bf16."""
+    """Against the weights the kernel sees. sluice's VNNI kernel quantizes activations per group
+    to int8 in two passes for fp32 (an error of at most 1/256 of the group's step, max |x| / 127)
+    and in one for bf16 and for a weight that only ranks (half a step), then sums exactly; its
+    AVX2 kernel computes in fp32 (outputs rounded to the activations' dtype); int4pack rounds
+    activations and outputs to bf16."""
     tiled = isinstance(qw, Int4TiledWeight)
-    seen = (x if tiled else x.bfloat16()).double() @ deq.double().T
+    full_activations = isinstance(qw, Int4TiledWeight | Int4Avx2Weight)
+    seen = (x if full_activations else x.bfloat16()).double() @ deq.double().T
     slack = 1e-5 * (x.abs().double() @ deq.abs().double().T)
     if tiled:
         two_passes = x.dtype == torch.float32 and not qw.ranking_only
         step = x.abs().unflatten(-1, (-1, qw.group_size)).amax(-1, keepdim=True) / 127
         error = (step / (256 if two_passes else 2)).expand(*x.shape[:-1], -1, qw.group_size)
         slack += error.flatten(-2).double() @ deq.abs().double().T
-    rounding = 0 if tiled and x.dtype == torch.float32 else BF16_EPS
+    rounding = 0 if full_activations and x.dtype == torch.float32 else BF16_EPS
     assert ((y.double() - seen).abs() <= rounding * seen.abs() + slack).all()
 
 
@@ -228,11 +237,47 @@ def test_tiled_kernel_for_any_number_of_rows(
     assert not torch.equal(one_pass, two_passes)
 
 
-def test_tiled_kernel_in_a_compiled_graph() -> None:
-    """The operator has a shape function, so torch.compile traces it into a full graph."""
-    if not int4_cpu.available():
-        pytest.skip(reason="sluice's int4 kernel does not run on this machine")
-    qw = quantize(torch.from_numpy(random_weight((OUT, IN), seed=6)), "int4", layout="tiled")
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group_size"), [(16, 64, 32), (80, 128, 64), (112, 256, 256)]
+)
+def test_avx2_kernel_for_any_number_of_rows(
+    out_features: int, in_features: int, group_size: int
+) -> None:
+    """Blocks of 1-4 rows, each over as many tiles at a time as it takes (4, 2, 1) with tiles
+    left over, and wide M (a prefill chunk): x W^T of the dequantized weight to fp32 accuracy,
+    each row's result the same whatever rows are beside it; and it agrees with int4pack to
+    int4pack's bf16 rounding."""
+    skip_unless_runs("avx2")
+    weight = torch.from_numpy(random_weight((out_features, in_features), seed=5))
+    qw = quantize(weight, "int4", group_size, "avx2")
+    packed = quantize(weight, "int4", group_size, "int4pack")
+    deq = qw.dequantize()
+    for rows in (1, 2, 3, 4, 5, 6, 9, 33, 130):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+        y = qw.matmul(x)
+        assert_product_of_seen_weights(qw, x, y, deq)
+        assert torch.equal(qw.matmul(x[-1:]), y[-1:])
+        assert torch.equal(qw.matmul(x[:1]), y[:1])
+        assert (y - packed.matmul(x)).norm() / y.norm() < 1e-2
+
+
+def test_avx2_kernel_names_bad_operands() -> None:
+    skip_unless_runs("avx2")
+    qw = quantize(torch.randn(32, 64), "int4", layout="avx2")
+    assert isinstance(qw, Int4Avx2Weight)
+    with pytest.raises(RuntimeError, match="96 inputs do not fit"):
+        int4_avx2_cpu.linear(torch.randn(2, 96), qw.codes, qw.scale_offset, 32)
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        int4_avx2_cpu.linear(torch.randn(2, 64).bfloat16(), qw.codes, qw.scale_offset, 32)
+    with pytest.raises(RuntimeError, match="scale_offset must be"):
+        int4_avx2_cpu.linear(torch.randn(2, 64), qw.codes, qw.scale_offset.float(), 32)
+
+
+@pytest.mark.parametrize("layout_name", ["tiled", "avx2"])
+def test_native_kernel_in_a_compiled_graph(layout_name: str) -> None:
+    """The operators have shape functions, so torch.compile traces them into a full graph."""
+    skip_unless_runs(layout_name)
+    qw = quantize(torch.from_numpy(random_weight((OUT, IN), seed=6)), "int4", layout=layout_name)
     compiled = torch.compile(lambda x: torch.relu(qw.matmul(x)), fullgraph=True, dynamic=True)
     for rows in (3, 7):
         x = torch.randn(rows, IN)

@@ -50,6 +50,7 @@ def make(folder: Path, draft: str | Path | None = None, **options) -> LLM:
     if draft is not None:
         options |= {"speculative_method": "draft", "draft_model": str(draft)}
         options |= {"num_speculative_tokens": 4, "speculative_disable_batch_size": 64}
+        options |= {"speculative_draft_row_cost": 0}  # every draft proposed, whatever it costs
     return LLM(str(folder), compile=False, kv_cache_dtype="float32", **options)
 
 

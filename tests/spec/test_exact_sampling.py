@@ -60,6 +60,7 @@ def test_drafts_verified_by_rejection_leave_the_distribution_exact(tiny):
         speculative_method="ngram",
         num_speculative_tokens=3,
         speculative_disable_batch_size=1000,
+        speculative_draft_row_cost=0,  # every request drafts, whatever its batch
     )
     torch.manual_seed(0)
     params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)

@@ -94,6 +94,7 @@ def test_suffix_global_tree_keeps_only_the_recent_outputs():
         ({"method": "draft"}, "needs draft_model"),
         ({"method": "ngram", "draft_model": "self"}, "draft_model is for speculative method draft"),
         ({"method": "draft", "draft_model": "self", "draft_quantization": "int3"}, "int3"),
+        ({"draft_row_cost": -0.5}, "draft_row_cost"),
     ],
 )
 def test_bad_settings_are_named(settings, error):

@@ -14,10 +14,20 @@ from tests.engine.test_engine import assert_parts_only_at_a_near_tie, mixed_prom
 pytestmark = pytest.mark.slow
 
 FP32 = {"kv_cache_dtype": "float32", "compile": False}
-NGRAM = {"speculative_method": "ngram", "speculative_disable_batch_size": 64}
+# Every request proposes the full k (no cost-based policy): the exactness tests verify drafts.
+NGRAM = {
+    "speculative_method": "ngram",
+    "speculative_disable_batch_size": 64,
+    "speculative_draft_row_cost": 0,
+}
 # The target's own weights as its draft: the fp32 model itself, or its GGUF's Q4_1 blocks.
-SELF_DRAFT = {"speculative_method": "draft", "draft_model": "self", "draft_quantization": "none"}
-INT4_SELF_DRAFT = {"speculative_method": "draft", "draft_model": "self"}
+SELF_DRAFT = {
+    "speculative_method": "draft",
+    "draft_model": "self",
+    "draft_quantization": "none",
+    "speculative_draft_row_cost": 0,
+}
+INT4_SELF_DRAFT = {**SELF_DRAFT, "draft_quantization": "auto"}
 CODE = (
     "def area(width, height):\n    return width * height\n\n"
     "def perimeter(width, height):\n    return 2 * (width + height)\n"
@@ -82,8 +92,8 @@ def test_the_default_models_q4_weights_draft_for_its_fp32_ones(make_llm):
 
 
 def test_compiled_steps_verify_drafts_too(make_llm):
-    """Verify steps (1 + k query rows per request) run through the compiled mixed-step graph;
-    over float16 pages a continuation may part from the plain compiled run only at a near-tie."""
+    """Verify steps (1 + k query rows per request) run through the compiled decode graph, a row
+    per token; over float16 pages a continuation may part from the plain compiled run only at a near-tie."""
     plain = make_llm()
     prompts = [code_prompt(plain), *mixed_prompts(plain)[1:8:2]]
     params = greedy(40, logprobs=2)
@@ -166,3 +176,19 @@ def test_a_request_may_opt_out_and_aborts_free_everything(make_llm):
     engine.abort_request("cut")
     assert not engine.proposer._indexes  # the proposer forgot the aborted request
     assert_no_leaks(engine)
+
+
+def test_the_cost_policy_drafts_only_what_pays_and_keeps_the_tokens(make_llm):
+    """Open-ended chat, whose n-gram drafts are mostly rejected: with the cost-based policy
+    each request proposes far fewer drafts than when every step drafts k, with the same tokens;
+    code to repeat still gets runs of drafts accepted."""
+    full = make_llm(**FP32, **NGRAM)
+    costed = make_llm(**FP32, **{**NGRAM, "speculative_draft_row_cost": 0.25})
+    chat = full.chat_prompt([{"role": "user", "content": "What makes a good friend?"}])
+    want = token_ids(full.generate([chat], greedy(64)))
+    assert token_ids(costed.generate([chat], greedy(64))) == want
+    drafted = full.engine.scheduler.spec_stats.num_draft_tokens
+    assert costed.engine.scheduler.spec_stats.num_draft_tokens < drafted / 2
+    before = costed.engine.scheduler.spec_stats.snapshot()
+    costed.generate([code_prompt(costed)], greedy(48))
+    assert accepted_runs(costed.engine.scheduler.spec_stats.since(before)) > 0
