@@ -53,9 +53,6 @@ class NgramProposer(Proposer):
     def finished(self, request: Request) -> None:
         self._indexes.pop(request.request_id, None)
 
-    def preempted(self, request: Request) -> None:
-        pass  # the index over the request's tokens holds no resources and stays true
-
     def _propose_one(self, request: Request, k: int) -> list[int]:
         index = self._indexes.setdefault(request.request_id, _NgramIndex())
         index.catch_up(request, self.min_n, self.max_n)

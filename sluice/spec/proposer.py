@@ -27,8 +27,7 @@ class Proposer(ABC):
     def finished(self, request: Request) -> None:
         """The request ended: forget what was kept for it (its own state, not what it taught)."""
 
-    @abstractmethod
-    def preempted(self, request: Request) -> None:
+    def preempted(self, request: Request) -> None:  # noqa: B027 (a hook: most keep nothing)
         """The request was preempted (it will be computed again): free what it holds, such as
         a draft model's KV pages. Its tokens are unchanged, so an index over them may stay."""
 

@@ -131,9 +131,6 @@ class SuffixProposer(Proposer):
         if request.output_token_ids:
             self._remember(list(request.output_token_ids))
 
-    def preempted(self, request: Request) -> None:
-        pass  # the index over the request's tokens holds no resources and stays true
-
     def _remember(self, output: list[int]) -> None:
         self.global_tree.add(output)
         self._outputs.append(output)
