@@ -72,17 +72,11 @@ class AttentionMetadata:
         `paged_kernel` (compiled steps): tokens read their pages through the paged kernel, but
         for prompts past `KERNEL_MAX_CONTEXT`; otherwise decodes share one SDPA call and prompt
         chunks another."""
-        q_lens = torch.tensor(query_lens)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        offset_in_seq = torch.arange(int(q_lens.sum())) - starts[seq_of_token]
-        positions = torch.tensor(context_lens)[seq_of_token] + offset_in_seq
+        starts, seq_of_token, positions = _token_positions(query_lens, context_lens)
         table = _page_table(
             page_tables, max(c + q for c, q in zip(context_lens, query_lens)), page_size
         )
-        slot_mapping = (
-            table[seq_of_token, positions // page_size] * page_size + positions % page_size
-        )
+        slot_mapping = _slots(table[seq_of_token], positions, page_size)
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prompts = [i for i, n in enumerate(query_lens) if n > 1]
         if paged_kernel:  # SDPA only for the prompts past the kernel's reach
@@ -130,17 +124,31 @@ class DecodeMetadata:
         device: torch.device,
     ) -> DecodeMetadata:
         """`query_lens[i]` tokens of sequence i after its `context_lens[i]` cached ones."""
-        q_lens = torch.tensor(query_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        offset = torch.arange(len(seq_of_token)) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_token]
-        positions = torch.tensor(context_lens)[seq_of_token] + offset
+        _, seq_of_token, positions = _token_positions(query_lens, context_lens)
         max_kv = max(c + q for c, q in zip(context_lens, query_lens))
         table = _page_table(page_tables, max(2 * page_size, max_kv), page_size)[seq_of_token]
-        rows = torch.arange(len(positions))
-        slots = table[rows, positions // page_size] * page_size + positions % page_size
+        slots = _slots(table, positions, page_size)
         return cls(
             positions.to(device), slots.to(device), table.to(device), (positions + 1).to(device)
         )
+
+
+def _token_positions(
+    query_lens: list[int], context_lens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a step's flat tokens: where each request's tokens start, each token's request, and
+    its position in that request's sequence."""
+    q_lens = torch.tensor(query_lens)
+    starts = torch.cumsum(q_lens, 0) - q_lens
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
+    offset_in_seq = torch.arange(len(seq_of_token)) - starts[seq_of_token]
+    return starts, seq_of_token, torch.tensor(context_lens)[seq_of_token] + offset_in_seq
+
+
+def _slots(token_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The flat cache slot of each token, from its own row of page ids and its position."""
+    rows = torch.arange(len(positions))
+    return token_tables[rows, positions // page_size] * page_size + positions % page_size
 
 
 def _page_table(page_tables: list[list[int]], max_kv: int, page_size: int) -> torch.Tensor:
