@@ -13,11 +13,11 @@ import json
 import statistics
 import time
 
-import gguf
 import llguidance
 import llguidance.torch
 import xgrammar as xgr
 
+from sluice.loaders.gguf_file import read_gguf
 from sluice.loaders.model_path import resolve_model
 from sluice.loaders.tokenizer import Tokenizer
 
@@ -96,7 +96,7 @@ def _record(engine: str, table_s: float, compile_s: float, times: list[float]) -
 
 
 def main() -> None:
-    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(resolve_model("smollm2-135m-instruct")))
+    tokenizer = Tokenizer.from_gguf(read_gguf(resolve_model("smollm2-135m-instruct")))
     vocab = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
     ids = tokenizer.encode(json.dumps(OUTPUT), add_special_tokens=False)
     for measure in (measure_xgrammar, measure_llguidance, measure_xgrammar, measure_llguidance):

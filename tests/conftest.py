@@ -4,13 +4,13 @@ import os
 import sys
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
 
 from sluice.api import LLM
 from sluice.config import EngineConfig
 from sluice.engine.engine import Engine
+from sluice.loaders.gguf_file import read_gguf
 from sluice.loaders.model_path import resolve_model
 from sluice.loaders.tokenizer import Tokenizer
 from sluice.models.registry import LoadedModel, load_model
@@ -47,7 +47,7 @@ def default_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm(default_gguf: Path) -> Tokenizer:
     """The default model's tokenizer, built from its GGUF once per test run."""
-    return Tokenizer.from_gguf(gguf.GGUFReader(default_gguf))
+    return Tokenizer.from_gguf(read_gguf(default_gguf))
 
 
 @pytest.fixture(scope="session")

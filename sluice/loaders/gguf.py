@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from sluice.config import ModelConfig
+from sluice.loaders.gguf_file import GGUFFile, GGUFFormatError, GGUFTensorInfo, read_gguf
 from sluice.loaders.weights import GGUFQuantTensor, WeightSource
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
@@ -86,19 +87,18 @@ class GGUFTensors(Mapping[str, WeightSource]):
         return len(self._stored)
 
 
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFFile:
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the gguf package raises assorted errors on corrupt input
+        return read_gguf(path)
+    except (GGUFFormatError, OSError, UnicodeDecodeError) as exc:
         raise GGUFError(f"cannot read GGUF file {path}: {exc}") from exc
 
 
-def metadata(reader: GGUFReader, key: str, default: object = None) -> object:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def metadata(reader: GGUFFile, key: str, default: object = None) -> object:
+    return reader.metadata.get(key, default)
 
 
-def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
+def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
     arch = metadata(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
@@ -130,7 +130,7 @@ def read_config(reader: GGUFReader, path: Path) -> ModelConfig:
     )
 
 
-def read_tensors(reader: GGUFReader, config: ModelConfig, path: Path) -> GGUFTensors:
+def read_tensors(reader: GGUFFile, config: ModelConfig, path: Path) -> GGUFTensors:
     """All tensors under HF names, with llama.cpp's rotary row permutation of Q and K undone."""
     stored: dict[str, _StoredTensor] = {}
     for tensor in reader.tensors:
@@ -140,11 +140,11 @@ def read_tensors(reader: GGUFReader, config: ModelConfig, path: Path) -> GGUFTen
     return GGUFTensors(path, stored)
 
 
-def rope_frequency_factors(reader: GGUFReader) -> torch.Tensor | None:
+def rope_frequency_factors(reader: GGUFFile) -> torch.Tensor | None:
     """Llama 3 GGUFs store their rope scaling as per-frequency divisors in `rope_freqs`."""
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
-            return torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+            return torch.from_numpy(reader.read(tensor).view(np.float32).copy())
     return None
 
 
@@ -164,7 +164,7 @@ def _rotary_heads(name: str, config: ModelConfig) -> int | None:
     return config.num_heads if "q_proj" in name else config.num_kv_heads
 
 
-def _stored_tensor(tensor, rotary_heads: int | None, path: Path) -> _StoredTensor:
+def _stored_tensor(tensor: GGUFTensorInfo, rotary_heads: int | None, path: Path) -> _StoredTensor:
     """Where `tensor` lies and how to read it; a tensor we could not read is an error now,
     before any loading."""
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first

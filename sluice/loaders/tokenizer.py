@@ -31,6 +31,7 @@ from sluice.loaders.chat_template import (
     content_spans,
     render_chat_template,
 )
+from sluice.loaders.gguf_file import GGUFFile
 from sluice.sampling_params import InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Tokenizer:
         self._eos_token_ids = self._end_of_generation_ids(end_of_generation_ids)
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
+    def from_gguf(cls, reader: GGUFFile) -> Tokenizer:
         """The tokenizer a GGUF file's `tokenizer.*` metadata describes."""
         model = _read(reader, _KEYS.MODEL)
         tokens: list[str] = _read(reader, _KEYS.LIST)
@@ -472,12 +473,11 @@ def _content_texts(content: Any) -> Iterable[tuple[str, str]]:
                 yield f"[{index}].text", part["text"]
 
 
-def _read(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+def _read(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.metadata.get(key, default)
 
 
-def _gguf_merges(reader: gguf.GGUFReader, tokens: list[str]) -> list[tuple[str, str]]:
+def _gguf_merges(reader: GGUFFile, tokens: list[str]) -> list[tuple[str, str]]:
     merges = _read(reader, _KEYS.MERGES)
     if merges is not None:
         return [tuple(merge.split(" ", 1)) for merge in merges]

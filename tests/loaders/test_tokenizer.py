@@ -13,6 +13,7 @@ import transformers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from sluice.loaders.gguf_file import read_gguf
 from sluice.loaders.tokenizer import Tokenizer
 from sluice.sampling_params import InvalidParameterError
 
@@ -211,12 +212,12 @@ def sp_id(piece: str) -> int:
 )
 def test_sentencepiece_gguf_matches_transformers(tmp_path: Path, flags: dict) -> None:
     path = sentencepiece_gguf(tmp_path / "sp.gguf", **flags)
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    ours = Tokenizer.from_gguf(read_gguf(path))
     assert_same_tokenizer(ours, load_reference(path), mixed_lines(seed=3, count=300))
 
 
 def test_sentencepiece_gguf_pieces(tmp_path: Path) -> None:
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(sentencepiece_gguf(tmp_path / "sp.gguf")))
+    ours = Tokenizer.from_gguf(read_gguf(sentencepiece_gguf(tmp_path / "sp.gguf")))
     hello = [sp_id("▁hello"), sp_id("▁world")]
     assert ours.encode("hello world") == [1, *hello]
     assert ours.encode("hello world", add_special_tokens=False) == hello
@@ -238,7 +239,7 @@ def test_sentencepiece_gguf_pieces(tmp_path: Path) -> None:
 def test_sentencepiece_gguf_without_space_prefix(tmp_path: Path) -> None:
     """llama.cpp honours `add_space_prefix = false`; transformers ignores it and adds the space."""
     path = sentencepiece_gguf(tmp_path / "sp.gguf", add_add_space_prefix=False)
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    ours = Tokenizer.from_gguf(read_gguf(path))
     without_prefix = [sp_id("he"), sp_id("llo"), sp_id("▁world")]
     assert ours.encode("hello world", add_special_tokens=False) == without_prefix
     assert ours.decode(without_prefix) == "hello world"
@@ -277,7 +278,7 @@ def byte_level_gguf(path: Path, pre: str) -> Path:
 @pytest.mark.parametrize("pre", ["default", "gpt2", "llama-bpe", "qwen2", "gpt-4o", "tekken"])
 def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path: Path, pre: str) -> None:
     path = byte_level_gguf(tmp_path / "bpe.gguf", pre)
-    ours = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    ours = Tokenizer.from_gguf(read_gguf(path))
     assert_same_tokenizer(ours, load_reference(path), mixed_lines(seed=5, count=200))
     assert ours.encode("hi", add_special_tokens=True)[0] == 1
     assert ours.eos_token_ids == {0, 2}
@@ -287,7 +288,7 @@ def test_pre_tokenizers_split_as_their_models_do(tmp_path: Path) -> None:
     text = "I'M 12345 x"
     pieces = {}
     for pre in ("default", "smollm", "llama-bpe", "qwen2"):
-        ours = Tokenizer.from_gguf(gguf.GGUFReader(byte_level_gguf(tmp_path / f"{pre}.gguf", pre)))
+        ours = Tokenizer.from_gguf(read_gguf(byte_level_gguf(tmp_path / f"{pre}.gguf", pre)))
         splitter = ours._backend.pre_tokenizer
         pieces[pre] = [piece for piece, _ in splitter.pre_tokenize_str(text)]
     # GPT-2 knows lower-case contractions only and keeps digits together.
@@ -302,7 +303,7 @@ def test_unsupported_gguf_tokenizer_model(tmp_path: Path) -> None:
         tmp_path / "t5.gguf", {"add_tokenizer_model": "t5", "add_token_list": ["a"]}
     )
     with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 't5'"):
-        Tokenizer.from_gguf(gguf.GGUFReader(path))
+        Tokenizer.from_gguf(read_gguf(path))
 
 
 # --- HF checkpoint folder -------------------------------------------------------------------------
