@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,16 @@ def pytest_configure(config: pytest.Config) -> None:
         # holds make every step many times slower.
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@contextlib.contextmanager
+def one_compile_at_a_time() -> Iterator[None]:
+    """Engines start (and compile the shared model's graphs, minutes cold) one test process at a
+    time: the second process to need the graphs then finds them in inductor's on-disk cache and
+    loads them in seconds, rather than compiling them again beside the first."""
+    with open(Path(tempfile.gettempdir()) / "sluice-tests-compile.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,7 +77,9 @@ def make_llm(default_model):
     engines: list[Engine] = []
 
     def make(**options) -> LLM:
-        engine = Engine(EngineConfig.create(quantization="none", **options), loaded=default_model)
+        config = EngineConfig.create(quantization="none", **options)
+        with one_compile_at_a_time() if config.compile else contextlib.nullcontext():
+            engine = Engine(config, loaded=default_model)
         engines.append(engine)
         return LLM.from_engine(engine)
 

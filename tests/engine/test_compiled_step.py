@@ -193,24 +193,6 @@ def check_logits_match_eager(runner: ModelRunner) -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_engine_output_is_the_same_compiled_or_eager(make_llm):
-    """Greedy continuations of prompts of different lengths, batched (steps of prefill chunks,
-    decodes and both; 16-token chunks), equal the all-eager engine's."""
-    eager = make_llm(compile=False, max_num_batched_tokens=16)
-    compiled = make_llm(max_num_batched_tokens=16)
-    assert eager.engine.executor.compiled_step is None
-    assert compiled.engine.executor.compiled_step is not None
-    prompts = [
-        eager.chat_prompt([{"role": "user", "content": q}])
-        for q in ("Why is the sky blue?", "Name a prime number.", "Write a haiku about rain.")
-    ] + ["Once upon a time", "The quick brown fox"]
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 9, 17, 30, 3)]
-    expected = [r.outputs[0].token_ids for r in eager.generate(prompts, params)]
-    got = [r.outputs[0].token_ids for r in compiled.generate(prompts, params)]
-    assert got == expected
-    assert [len(ids) for ids in got] == [24, 9, 17, 30, 3]
-
-
 @CUDA
 def test_tiny_llama_on_cuda_matches_transformers_with_graphs_or_eager(tmp_path):
     """The same engine on a GPU (FlexAttention, decode steps from CUDA graphs or eager; the

@@ -1,4 +1,5 @@
-"""The engine on the real default model: batching, chunking and preemption change nothing."""
+"""The engine on the real default model: batching, chunking, preemption and the compiled step
+change nothing."""
 
 from __future__ import annotations
 
@@ -72,6 +73,24 @@ def test_float16_kv_cache_keeps_greedy_output(make_llm):
         for want, got in zip(expected, token_ids(half.generate(prompts, params))):
             parted += assert_parts_only_at_a_near_tie(want, got)
     assert parted <= 2
+
+
+def test_engine_output_is_the_same_compiled_or_eager(make_llm):
+    """Greedy continuations of prompts of different lengths, batched (steps of prefill chunks,
+    decodes and both; 16-token chunks), equal the all-eager engine's."""
+    eager = make_llm(compile=False, max_num_batched_tokens=16)
+    compiled = make_llm(max_num_batched_tokens=16)
+    assert eager.engine.executor.compiled_step is None
+    assert compiled.engine.executor.compiled_step is not None
+    prompts = [
+        eager.chat_prompt([{"role": "user", "content": q}])
+        for q in ("Why is the sky blue?", "Name a prime number.", "Write a haiku about rain.")
+    ] + ["Once upon a time", "The quick brown fox"]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 9, 17, 30, 3)]
+    expected = [r.outputs[0].token_ids for r in eager.generate(prompts, params)]
+    got = [r.outputs[0].token_ids for r in compiled.generate(prompts, params)]
+    assert got == expected
+    assert [len(ids) for ids in got] == [24, 9, 17, 30, 3]
 
 
 def assert_parts_only_at_a_near_tie(want, got: list[int]) -> bool:
