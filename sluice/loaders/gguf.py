@@ -18,7 +18,13 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sluice.config import ModelConfig
-from sluice.loaders.gguf_file import GGUFFile, GGUFFormatError, GGUFTensorInfo, read_gguf
+from sluice.loaders.gguf_file import (
+    GGUFFile,
+    GGUFFormatError,
+    GGUFTensorInfo,
+    read_bytes,
+    read_gguf,
+)
 from sluice.loaders.weights import GGUFQuantTensor, WeightSource
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
@@ -74,7 +80,7 @@ class GGUFTensors(Mapping[str, WeightSource]):
 
     def __getitem__(self, name: str) -> WeightSource:
         stored = self._stored[name]
-        raw = np.fromfile(self._path, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
+        raw = read_bytes(self._path, stored.offset, stored.nbytes)
         weight = _weight_source(stored, raw)
         if stored.rotary_heads is None:
             return weight
@@ -90,29 +96,25 @@ class GGUFTensors(Mapping[str, WeightSource]):
 def open_gguf(path: Path) -> GGUFFile:
     try:
         return read_gguf(path)
-    except (GGUFFormatError, OSError, UnicodeDecodeError) as exc:
+    except (GGUFFormatError, OSError) as exc:
         raise GGUFError(f"cannot read GGUF file {path}: {exc}") from exc
 
 
-def metadata(reader: GGUFFile, key: str, default: object = None) -> object:
-    return reader.metadata.get(key, default)
-
-
 def read_config(reader: GGUFFile, path: Path) -> ModelConfig:
-    arch = metadata(reader, "general.architecture")
+    arch = reader.metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{path}: architecture {arch!r} is not supported ({SUPPORTED_ARCHITECTURES})"
         )
 
     def key(name: str, default: object = None) -> object:
-        value = metadata(reader, f"{arch}.{name}", default)
+        value = reader.metadata.get(f"{arch}.{name}", default)
         if value is None:
             raise GGUFError(f"{path}: metadata key {arch}.{name} is missing")
         return value
 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    tokens = metadata(reader, "tokenizer.ggml.tokens", [])
+    tokens = reader.metadata.get("tokenizer.ggml.tokens", [])
     return ModelConfig(
         architecture=arch,
         vocab_size=int(key("vocab_size", len(tokens) or None)),

@@ -9,6 +9,7 @@ https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian, versio
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -59,7 +60,12 @@ class GGUFFile:
 
     def read(self, tensor: GGUFTensorInfo) -> np.ndarray:
         """A tensor's bytes, as uint8."""
-        return np.fromfile(self.path, np.uint8, count=tensor.n_bytes, offset=tensor.data_offset)
+        return read_bytes(self.path, tensor.data_offset, tensor.n_bytes)
+
+
+def read_bytes(path: Path, offset: int, count: int) -> np.ndarray:
+    """`count` bytes of `path` from `offset`, read (not mapped: nothing stays resident)."""
+    return np.fromfile(path, np.uint8, count=count, offset=offset)
 
 
 def read_gguf(path: Path) -> GGUFFile:
@@ -112,7 +118,10 @@ class _Header:
     def string(self) -> str:
         length = self.scalar("Q")
         start = self.take(length)
-        return self.buffer[start : start + length].decode("utf-8")
+        try:
+            return self.buffer[start : start + length].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFFormatError(f"the string at byte {start} is not UTF-8: {exc}") from exc
 
     def value(self, value_type: int) -> object:
         if value_type in _SCALARS:
@@ -138,14 +147,15 @@ class _Header:
         shape = struct.unpack_from(f"<{dims}Q", self.buffer, start)
         return name, shape, self.scalar("I"), self.scalar("Q")
 
-    def located(self, info: tuple[str, tuple[int, ...], int, int], data_start: int):
+    def located(
+        self, info: tuple[str, tuple[int, ...], int, int], data_start: int
+    ) -> GGUFTensorInfo:
         name, shape, tensor_type, offset = info
         try:
             block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
         except (ValueError, KeyError) as exc:
             raise GGUFFormatError(f"tensor {name} has unknown type {tensor_type}") from exc
-        elements = int(np.prod(shape, dtype=np.int64))
-        n_bytes = elements // block_size * block_bytes
+        n_bytes = math.prod(shape) // block_size * block_bytes
         tensor = GGUFTensorInfo(name, tensor_type, tuple(shape), data_start + offset, n_bytes)
         if tensor.data_offset + n_bytes > self.size:
             raise GGUFFormatError(f"tensor {name} runs past the end of the file")

@@ -156,18 +156,18 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader: GGUFFile) -> Tokenizer:
         """The tokenizer a GGUF file's `tokenizer.*` metadata describes."""
-        model = _read(reader, _KEYS.MODEL)
-        tokens: list[str] = _read(reader, _KEYS.LIST)
+        model = reader.metadata.get(_KEYS.MODEL)
+        tokens: list[str] = reader.metadata.get(_KEYS.LIST)
         merges = _gguf_merges(reader, tokens)
         if model == "gpt2":
-            backend = _byte_level_bpe(tokens, merges, _read(reader, _KEYS.PRE, "default"))
+            backend = _byte_level_bpe(tokens, merges, reader.metadata.get(_KEYS.PRE, "default"))
         elif model == "llama":
-            unk_id = _read(reader, _KEYS.UNK_ID)
+            unk_id = reader.metadata.get(_KEYS.UNK_ID)
             backend = _sentencepiece_bpe(
                 tokens,
                 merges,
                 unk_token=None if unk_id is None else tokens[unk_id],
-                add_space_prefix=_read(reader, _KEYS.ADD_PREFIX, True),
+                add_space_prefix=reader.metadata.get(_KEYS.ADD_PREFIX, True),
             )
         else:
             raise ValueError(
@@ -177,24 +177,24 @@ class Tokenizer:
         special_ids = {
             role: token_id
             for role, key in _SPECIAL_TOKEN_KEYS.items()
-            if (token_id := _read(reader, key)) is not None and token_id < len(tokens)
+            if (token_id := reader.metadata.get(key)) is not None and token_id < len(tokens)
         }
-        _add_gguf_added_tokens(backend, tokens, _read(reader, _KEYS.TOKEN_TYPE, []), model)
+        _add_gguf_added_tokens(backend, tokens, reader.metadata.get(_KEYS.TOKEN_TYPE, []), model)
         _add_special_tokens(backend, special_ids.values())
         # llama.cpp adds BOS for a SentencePiece vocabulary whose file does not say otherwise.
-        add_bos = _read(reader, _KEYS.ADD_BOS, model == "llama")
-        add_eos = _read(reader, _KEYS.ADD_EOS, False)
+        add_bos = reader.metadata.get(_KEYS.ADD_BOS, model == "llama")
+        add_eos = reader.metadata.get(_KEYS.ADD_EOS, False)
         backend.post_processor = _bos_eos_processor(
             backend,
             special_ids.get("bos_token") if add_bos else None,
             special_ids.get("eos_token") if add_eos else None,
         )
-        turn_end_ids = [_read(reader, key) for key in (_KEYS.EOT_ID, _KEYS.EOM_ID)]
+        turn_end_ids = [reader.metadata.get(key) for key in (_KEYS.EOT_ID, _KEYS.EOM_ID)]
         return cls(
             backend,
             special_token_ids=special_ids,
             end_of_generation_ids=[token_id for token_id in turn_end_ids if token_id is not None],
-            chat_template=_read(reader, _KEYS.CHAT_TEMPLATE),
+            chat_template=reader.metadata.get(_KEYS.CHAT_TEMPLATE),
         )
 
     @classmethod
@@ -473,15 +473,11 @@ def _content_texts(content: Any) -> Iterable[tuple[str, str]]:
                 yield f"[{index}].text", part["text"]
 
 
-def _read(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    return reader.metadata.get(key, default)
-
-
 def _gguf_merges(reader: GGUFFile, tokens: list[str]) -> list[tuple[str, str]]:
-    merges = _read(reader, _KEYS.MERGES)
+    merges = reader.metadata.get(_KEYS.MERGES)
     if merges is not None:
         return [tuple(merge.split(" ", 1)) for merge in merges]
-    return _merges_from_vocabulary(tokens, _read(reader, _KEYS.SCORES))
+    return _merges_from_vocabulary(tokens, reader.metadata.get(_KEYS.SCORES))
 
 
 def _merges_from_vocabulary(

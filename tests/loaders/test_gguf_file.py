@@ -57,6 +57,12 @@ def test_every_value_type_and_an_odd_alignment(tmp_path):
     assert read_gguf(path).tensors[1].data_offset % 64 == 0
 
 
+# Version 3, no tensors, one key-value pair.
+HEADER_OF_ONE_KEY = (
+    b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + b"\x01" + b"\x00" * 7
+)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -64,6 +70,7 @@ def test_every_value_type_and_an_odd_alignment(tmp_path):
         (b"GGML" + b"\x00" * 40, "no GGUF magic"),
         (b"GGUF\x01\x00\x00\x00" + b"\x00" * 40, "version 1"),
         (b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x01" + b"\x00" * 7 + b"\xff" * 16, "past the"),
+        (HEADER_OF_ONE_KEY + (2).to_bytes(8, "little") + b"\xff\xfe" + b"\x00" * 16, "not UTF-8"),
     ],
 )
 def test_what_is_not_a_gguf_header_is_named(tmp_path, content, message):
