@@ -10,10 +10,10 @@ from 0 to k drafts in turn (the tests' use).
 from __future__ import annotations
 
 from sluice.engine.request import Request
-from sluice.spec.proposer import Proposer
+from sluice.spec.proposer import RequestwiseProposer
 
 
-class ReplayProposer(Proposer):
+class ReplayProposer(RequestwiseProposer):
     def __init__(
         self, prompts: list[list[int]], outputs: list[list[int]], vocab_size: int, wrong: bool
     ) -> None:
@@ -22,13 +22,10 @@ class ReplayProposer(Proposer):
         self.wrong = wrong
         self._num_proposed: dict[str, int] = {}
 
-    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
-        return [self._propose_one(request, k) for request in requests]
-
     def finished(self, request: Request) -> None:
         self._num_proposed.pop(request.request_id, None)
 
-    def _propose_one(self, request: Request, k: int) -> list[int]:
+    def propose_one(self, request: Request, k: int) -> list[int]:
         done = len(request.output_token_ids)
         drafts = list(self.continuations[tuple(request.prompt_token_ids)][done : done + k])
         # Requests start the cycle at different points: with few tokens out, each sees some.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sluice.engine.request import Request
-from sluice.spec.proposer import Proposer
+from sluice.spec.proposer import RequestwiseProposer
 
 
 @dataclass
@@ -41,19 +41,16 @@ class _NgramIndex:
         return []
 
 
-class NgramProposer(Proposer):
+class NgramProposer(RequestwiseProposer):
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n = min_n
         self.max_n = max_n
         self._indexes: dict[str, _NgramIndex] = {}
 
-    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
-        return [self._propose_one(request, k) for request in requests]
-
     def finished(self, request: Request) -> None:
         self._indexes.pop(request.request_id, None)
 
-    def _propose_one(self, request: Request, k: int) -> list[int]:
+    def propose_one(self, request: Request, k: int) -> list[int]:
         index = self._indexes.setdefault(request.request_id, _NgramIndex())
         index.catch_up(request, self.min_n, self.max_n)
         return index.lookup(self.min_n, self.max_n, k)

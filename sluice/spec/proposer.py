@@ -32,6 +32,18 @@ class Proposer(ABC):
         a draft model's KV pages. Its tokens are unchanged, so an index over them may stay."""
 
 
+class RequestwiseProposer(Proposer):
+    """A proposer whose guess for a request depends on that request alone (n-gram, suffix
+    decoding, replay): it proposes one request at a time."""
+
+    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
+        return [self.propose_one(request, k) for request in requests]
+
+    @abstractmethod
+    def propose_one(self, request: Request, k: int) -> list[int]:
+        """Up to `k` draft tokens for `request`."""
+
+
 def make_proposer(config: EngineConfig, target: LoadedModel, num_pages: int) -> Proposer | None:
     """The proposer for an engine over `target` whose KV pool has `num_pages` pages."""
     spec = config.speculative

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sluice.engine.request import Request
-from sluice.spec.proposer import Proposer
+from sluice.spec.proposer import RequestwiseProposer
 
 
 @dataclass(eq=False)
@@ -107,7 +107,7 @@ class _Proposal:
     score: float  # expected accepted tokens: the sum of the path's probabilities
 
 
-class SuffixProposer(Proposer):
+class SuffixProposer(RequestwiseProposer):
     def __init__(
         self,
         max_depth: int = 24,
@@ -123,9 +123,6 @@ class SuffixProposer(Proposer):
         self._max_cached_outputs = max_cached_outputs
         self._trees: dict[str, _GrowingTree] = {}
 
-    def propose(self, requests: list[Request], k: int) -> list[list[int]]:
-        return [self._propose_one(request, k) for request in requests]
-
     def finished(self, request: Request) -> None:
         self._trees.pop(request.request_id, None)
         if request.output_token_ids:
@@ -137,7 +134,7 @@ class SuffixProposer(Proposer):
         if len(self._outputs) > self._max_cached_outputs:
             self.global_tree.remove(self._outputs.popleft())
 
-    def _propose_one(self, request: Request, k: int) -> list[int]:
+    def propose_one(self, request: Request, k: int) -> list[int]:
         own = self._trees.setdefault(request.request_id, _GrowingTree(self.max_depth))
         own.catch_up(request)
         context = own.tokens
