@@ -107,7 +107,7 @@ def make_job(metric: str, rng: random.Random) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", type=Path, default=os.environ.get("BASE"), required=False)
+    parser.add_argument("--base", type=Path, default=os.environ.get("BASE"))
     parser.add_argument("--head", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)

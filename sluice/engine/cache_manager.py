@@ -28,6 +28,18 @@ class OutOfPagesError(RuntimeError):
     pass
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold `num_tokens` tokens."""
+    return -(-num_tokens // page_size)
+
+
+def truncate_pages(pool: PagePool, page_ids: list[int], num_tokens: int, page_size: int) -> None:
+    """Give `pool` back the pages of the table `page_ids` past its first `num_tokens` tokens."""
+    keep = pages_for(num_tokens, page_size)
+    pool.release(page_ids[keep:])
+    del page_ids[keep:]
+
+
 class PagePool:
     """Fixed pool of KV pages with reference counts (a page may be shared by several owners).
 
@@ -112,7 +124,7 @@ class KVCacheManager:
 
     def pages_needed(self, request: Request, num_new_tokens: int) -> int:
         total = request.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.page_size) - len(request.page_ids))
+        return max(0, pages_for(total, self.page_size) - len(request.page_ids))
 
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         needed = self.pages_needed(request, num_new_tokens)
@@ -131,9 +143,7 @@ class KVCacheManager:
         """Give back the pages past the request's computed tokens (those only rejected draft
         tokens were written to); the prefix cache never holds them (it takes full computed
         pages only)."""
-        keep = -(-request.num_computed_tokens // self.page_size)
-        self.pool.release(request.page_ids[keep:])
-        del request.page_ids[keep:]
+        truncate_pages(self.pool, request.page_ids, request.num_computed_tokens, self.page_size)
 
     def hold(self, request: Request) -> list[int]:
         """Keep a request's pages from reuse after it finishes, while another process still

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 
 from sluice.config import EngineConfig
-from sluice.engine.cache_manager import PagePool
+from sluice.engine.cache_manager import PagePool, pages_for, truncate_pages
 from sluice.engine.model_runner import ModelRunner
 from sluice.engine.request import Request
 from sluice.engine.step import SamplingRow, ScheduledRequest, StepInput
@@ -78,8 +78,8 @@ class DraftProposer(Proposer):
         dtype = config.torch_dtype(device)
         draft = load_draft(spec, target, config.quantization, device, dtype)
         page_size = config.cache.page_size
-        draft_pages = num_pages + config.scheduler.max_num_seqs * -(
-            -spec.num_speculative_tokens // page_size
+        draft_pages = num_pages + config.scheduler.max_num_seqs * pages_for(
+            spec.num_speculative_tokens, page_size
         )
         runner = ModelRunner(
             draft.model,
@@ -137,7 +137,7 @@ class DraftProposer(Proposer):
         sequence = self._sequences.setdefault(request.request_id, _DraftSequence())
         self._roll_back(sequence, request)
         num_tokens = request.num_tokens + k - 1
-        needed = -(-num_tokens // self.page_size) - len(sequence.page_ids)
+        needed = pages_for(num_tokens, self.page_size) - len(sequence.page_ids)
         if num_tokens > self.max_positions or needed > self.pool.num_free:
             return None
         sequence.page_ids += self.pool.allocate(max(0, needed))
@@ -153,9 +153,7 @@ class DraftProposer(Proposer):
             kept += 1
         sequence.num_computed = min(start + kept, request.num_tokens - 1)
         sequence.unconfirmed = []
-        keep_pages = -(-sequence.num_computed // self.page_size)
-        self.pool.release(sequence.page_ids[keep_pages:])
-        del sequence.page_ids[keep_pages:]
+        truncate_pages(self.pool, sequence.page_ids, sequence.num_computed, self.page_size)
 
     def _catch_up(self, ready: list[tuple[Request, _DraftSequence]]) -> dict[str, int]:
         """Compute every request's tokens the draft has not seen, at most `max_step_tokens` a
