@@ -230,6 +230,8 @@ async def run_mixed_load(
     `config.request_rate`, the first `lead_s` seconds after the decodes start; once the last
     arrival is answered no decode starts, and the run ends with the last one in flight.
     `warmups` go first, alone."""
+    if not arrivals:
+        raise ValueError("a mixed load needs at least one arrival")
     async with _client(config) as client:
         model = config.model or await served_model(client)
         await _warm_up(client, config, model, warmups)
@@ -254,16 +256,23 @@ async def run_mixed_load(
                     raise RuntimeError(f"the {len(decodes)} decodes ran out before the arrivals")
                 records.append(await send(request))
 
+        unanswered = len(arrivals)
+
         async def arrive(at: float, request: BenchRequest) -> RequestRecord:
+            nonlocal unanswered
             await asyncio.sleep(max(0.0, at - clock()))
             record = await send(request)
             bar.update(1)
+            unanswered -= 1
+            # Set here, in the step that stamped the answer's end: waiting for the gather below
+            # would let a decode that finished meanwhile start one more after it.
+            if unanswered == 0:
+                arrivals_done.set()
             return record
 
         decode_records: list[RequestRecord] = []
         workers = [asyncio.create_task(keep_decoding(decode_records)) for _ in range(concurrency)]
         arrival_records = await asyncio.gather(*map(arrive, times, arrivals))
-        arrivals_done.set()
         await asyncio.gather(*workers)
         bar.close()
     return MixedResult(model, decode_records, list(arrival_records), times, clock())

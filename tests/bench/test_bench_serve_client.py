@@ -189,6 +189,8 @@ def test_mixed_load_keeps_decodes_going_until_the_arrivals_are_answered(fake_ser
         assert sum(r.start <= moment < r.end for r in result.decodes) == 2
     with pytest.raises(RuntimeError, match="decodes ran out"):
         asyncio.run(run_mixed_load(config, decodes[:3], arrivals, 2, [WARMUP], lead_s=0.5))
+    with pytest.raises(ValueError, match="at least one arrival"):
+        asyncio.run(run_mixed_load(config, decodes, [], 2, [WARMUP], lead_s=0.05))
 
 
 def test_endpoint_must_be_a_path() -> None:
