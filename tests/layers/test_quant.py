@@ -243,8 +243,8 @@ def test_tiled_kernel_for_any_number_of_rows(
 def test_avx2_kernel_for_any_number_of_rows(
     out_features: int, in_features: int, group_size: int
 ) -> None:
-    """Blocks of 1-4 rows, each over as many tiles at a time as it takes (4, 2, 1) with tiles
-    left over, and wide M (a prefill chunk): x W^T of the dequantized weight to fp32 accuracy,
+    """Blocks of 1-4 rows, alone and after full blocks of 4, each over as many tiles at a time
+    as it takes (4, 2, 1) with tiles left over, and wide M (a prefill chunk): x W^T of the dequantized weight to fp32 accuracy,
     each row's result the same whatever rows are beside it; and it agrees with int4pack to
     int4pack's bf16 rounding."""
     skip_unless_runs("avx2")
@@ -252,7 +252,7 @@ def test_avx2_kernel_for_any_number_of_rows(
     qw = quantize(weight, "int4", group_size, "avx2")
     packed = quantize(weight, "int4", group_size, "int4pack")
     deq = qw.dequantize()
-    for rows in (1, 2, 3, 4, 5, 6, 9, 33, 130):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 33, 130):
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
         y = qw.matmul(x)
         assert_product_of_seen_weights(qw, x, y, deq)
