@@ -115,6 +115,12 @@ def _add_speculative(kinds: argparse._SubParsersAction) -> None:
     spec.add_argument("--output-len", type=_POSITIVE, default=200, help="max tokens per answer")
     spec.add_argument("--concurrency", type=_POSITIVE, default=1, help="copies of each prompt")
     spec.add_argument("--rounds", type=_POSITIVE, default=2, help="off/on pairs per workload")
+    spec.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="let suffix decoding's global tree keep the earlier runs' answers (a repeated "
+        "request, as an agent sends; by default each speculative run sees its prompt first)",
+    )
     _add_common(spec)
     add_engine_args(spec)
     spec.set_defaults(func=_runner("speculative"))

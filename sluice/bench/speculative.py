@@ -4,7 +4,13 @@ on the fixed prompt set of `spec_workloads`, and how many drafts were accepted.
 One engine, set up for speculation, runs each workload both ways, alternating (off, on, off,
 on, ...) so that a noisy machine slows both alike; "off" is the same engine with the requests'
 `speculative=False`. Each prompt is run once before timing, so both ways find it in the
-prefix cache and the timings are of decoding; a workload's JSON line comes when it is done. Greedy, so both ways produce the same tokens.
+prefix cache and the timings are of decoding; a workload's JSON line comes when it is done.
+Greedy, so both ways produce the same tokens.
+
+Before each speculative run the proposer forgets what finished requests taught it (suffix
+decoding's global tree): otherwise the warm-up's and the earlier runs' answers to the very same
+prompt would be replayed, the case of an agent repeating a request (`--keep-outputs`), not of
+a prompt seen for the first time.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ def _run(llm: LLM, prompt: list[int], args: argparse.Namespace, speculative: boo
 
 def _measure(llm: LLM, workload: _Workload, args: argparse.Namespace) -> None:
     for speculative in (False, True):
+        if speculative and not args.keep_outputs:
+            llm.engine.proposer.forget_outputs()
         before = llm.engine.scheduler.spec_stats.snapshot()
         timing = _run(llm, workload.prompt, args, speculative)
         (workload.on if speculative else workload.off).add(timing)
@@ -94,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
             "concurrency": args.concurrency,
             "output_len": args.output_len,
             "rounds": args.rounds,
+            "keep_outputs": args.keep_outputs,
             "output_tok_s_off": round(workload.off.tok_s, 2),
             "output_tok_s_on": round(workload.on.tok_s, 2),
             "speedup": round(workload.on.tok_s / workload.off.tok_s, 3),

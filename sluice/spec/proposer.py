@@ -27,6 +27,10 @@ class Proposer(ABC):
     def finished(self, request: Request) -> None:
         """The request ended: forget what was kept for it (its own state, not what it taught)."""
 
+    def forget_outputs(self) -> None:  # noqa: B027 (a hook: most learn nothing across requests)
+        """Forget what finished requests taught (suffix decoding's global tree), so that the
+        next request is proposed for on first sight, as a fresh engine would."""
+
     def preempted(self, request: Request) -> None:  # noqa: B027 (a hook: most keep nothing)
         """The request was preempted (it will be computed again): free what it holds, such as
         a draft model's KV pages. Its tokens are unchanged, so an index over them may stay."""

@@ -128,6 +128,10 @@ class SuffixProposer(RequestwiseProposer):
         if request.output_token_ids:
             self._remember(list(request.output_token_ids))
 
+    def forget_outputs(self) -> None:
+        self.global_tree = SuffixTree(self.max_depth)
+        self._outputs.clear()
+
     def _remember(self, output: list[int]) -> None:
         self.global_tree.add(output)
         self._outputs.append(output)

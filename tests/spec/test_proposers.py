@@ -84,6 +84,19 @@ def test_suffix_global_tree_keeps_only_the_recent_outputs():
     assert proposer.propose([request([30, 31], "b")], 2) == [[32]]
 
 
+def test_suffix_forget_outputs_keeps_each_request_s_own_tree():
+    proposer = SuffixProposer(max_depth=6, min_token_prob=0.3)
+    done = request([1], "done")
+    done.output_token_ids = [60, 61, 62, 63]
+    proposer.finished(done)
+    own = request([5, 6, 7, 8, 5, 6], "own")
+    assert proposer.propose([request([60, 61], "a"), own], 2) == [[62, 63], [7, 8]]
+    proposer.forget_outputs()
+    assert proposer.propose([request([60, 61], "b"), own], 2) == [[], [7, 8]]
+    proposer.finished(done)  # it learns again afterwards
+    assert proposer.propose([request([60, 61], "c")], 2) == [[62, 63]]
+
+
 @pytest.mark.parametrize(
     "settings, error",
     [
