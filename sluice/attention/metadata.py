@@ -3,8 +3,8 @@ by every layer.
 
 `AttentionMetadata` describes any step for the eager attention: positions, the cache slot of each
 new token, and its requests in groups that share one call (decodes of alike context lengths,
-prompt chunks padded to the longest, and in compiled steps the rows of the paged kernel). `DecodeMetadata` describes a step
-of short queries (decodes, and decodes with draft tokens to verify) as tensors only, one row per
+prompt chunks padded to the longest, and in compiled steps the rows of the paged kernel).
+`DecodeMetadata` describes a step of short queries (decodes, and decodes with draft tokens to verify) as tensors only, one row per
 token, so a compiled graph can take it as an input.
 """
 
@@ -157,14 +157,16 @@ def _page_table(page_tables: list[list[int]], max_kv: int, page_size: int) -> to
 
 
 def _alike_contexts(seqs: list[int], context_lens: list[int]) -> list[list[int]]:
-    """Decodes grouped by context length, each group's within a factor of two (one power-of-two
-    bucket): a group's keys are padded to its longest context, and one long context among short
+    """Decodes in groups whose longest context is at most twice their shortest, each in step
+    order: a group's keys are padded to its longest context, and one long context among short
     ones made every decode read as many keys (a 2k-token context beside six of ~100 made a
-    one-thread eager step 5-6x as long)."""
-    buckets: dict[int, list[int]] = {}
-    for seq in seqs:
-        buckets.setdefault(context_lens[seq].bit_length(), []).append(seq)
-    return list(buckets.values())
+    one-thread eager step 5-6x as long). Contexts alike stay in one call."""
+    groups: list[list[int]] = []
+    for seq in sorted(seqs, key=context_lens.__getitem__):
+        if not groups or context_lens[seq] + 1 > 2 * (context_lens[groups[-1][0]] + 1):
+            groups.append([])
+        groups[-1].append(seq)
+    return [sorted(group) for group in groups]
 
 
 def _group(

@@ -2,10 +2,10 @@
 
 Every layer writes the step's K/V into its pages through the slot mapping, gathers each request's
 context through its page table and runs SDPA over queries padded per request. Requests are
-grouped by query length (`AttentionMetadata`): decodes share a call per power-of-two range of
-context lengths, prompt chunks another, so neither a long chunk nor a long context pads the
-decodes. The pools may hold a narrower dtype than the queries (a
-16-bit cache for an fp32 model): keys and values are widened as they are read.
+grouped by query length (`AttentionMetadata`): decodes whose contexts are within a factor of two
+share a call, prompt chunks another, so neither a long chunk nor a long context pads the
+decodes. The pools may hold a narrower dtype than the queries (a 16-bit cache for an fp32
+model): keys and values are widened as they are read.
 """
 
 from __future__ import annotations
