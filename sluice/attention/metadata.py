@@ -3,7 +3,8 @@ by every layer.
 
 `AttentionMetadata` describes any step for the eager attention: positions, the cache slot of each
 new token, and its requests in groups that share one call (decodes of alike context lengths,
-prompt chunks padded to the longest, and in compiled steps the rows of the paged kernel).
+prompt chunks of alike lengths, each group padded to its longest, and in compiled steps the rows
+of the paged kernel).
 `DecodeMetadata` describes a step of short queries (decodes, and decodes with draft tokens to verify) as tensors only, one row per
 token, so a compiled graph can take it as an input.
 """
@@ -70,8 +71,8 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """`context_lens[i]`: tokens of request i already cached before this step.
         `paged_kernel` (compiled steps): tokens read their pages through the paged kernel, but
-        for prompts past `KERNEL_MAX_CONTEXT`; otherwise decodes share one SDPA call and prompt
-        chunks another."""
+        for prompts past `KERNEL_MAX_CONTEXT`, which share one SDPA call; otherwise requests share
+        SDPA calls with requests of alike lengths (`_alike`)."""
         starts, seq_of_token, positions = _token_positions(query_lens, context_lens)
         table = _page_table(
             page_tables, max(c + q for c, q in zip(context_lens, query_lens)), page_size
@@ -82,8 +83,12 @@ class AttentionMetadata:
         if paged_kernel:  # SDPA only for the prompts past the kernel's reach
             prompts = [i for i in prompts if context_lens[i] + query_lens[i] > KERNEL_MAX_CONTEXT]
         group_args = (query_lens, context_lens, page_tables, table, starts, page_size, device)
-        decode_groups = [] if paged_kernel else _alike_contexts(decodes, context_lens)
-        groups = [_group(seqs, *group_args) for seqs in (*decode_groups, prompts) if seqs]
+        if paged_kernel:
+            calls = [prompts]
+        else:
+            sizes = [(q, c + q) for q, c in zip(query_lens, context_lens)]
+            calls = _alike(decodes, sizes) + _alike(prompts, sizes)
+        groups = [_group(seqs, *group_args) for seqs in calls if seqs]
         if paged_kernel:
             # Every other token is a row of the kernel, with its sequence's pages and, as
             # context, the tokens up to itself (causal), whether it decodes or is a prompt's.
@@ -156,15 +161,22 @@ def _page_table(page_tables: list[list[int]], max_kv: int, page_size: int) -> to
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _alike_contexts(seqs: list[int], context_lens: list[int]) -> list[list[int]]:
-    """Decodes in groups whose longest context is at most twice their shortest, each in step
-    order: a group's keys are padded to its longest context, and one long context among short
-    ones made every decode read as many keys (a 2k-token context beside six of ~100 made a
-    one-thread eager step 5-6x as long). Contexts alike stay in one call."""
+def _alike(seqs: list[int], sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Requests in groups within which the longest query is at most twice the shortest, and the
+    longest keys (context + query) at most twice the shortest, each group in step order: a
+    group's queries and keys are padded to its longest, and one long context among short ones
+    made every decode read as many keys (a 2k-token context beside six of ~100 made a one-thread
+    eager step 5-6x as long), as a 512-token chunk made a short prompt beside it compute 512
+    queries. Requests alike stay in one call."""
     groups: list[list[int]] = []
-    for seq in sorted(seqs, key=context_lens.__getitem__):
-        if not groups or context_lens[seq] + 1 > 2 * (context_lens[groups[-1][0]] + 1):
+    low = high = (0, 0)
+    for seq in sorted(seqs, key=sizes.__getitem__):
+        size = sizes[seq]
+        if groups:
+            low, high = tuple(map(min, low, size)), tuple(map(max, high, size))
+        if not groups or any(longest > 2 * shortest for shortest, longest in zip(low, high)):
             groups.append([])
+            low = high = size
         groups[-1].append(seq)
     return [sorted(group) for group in groups]
 

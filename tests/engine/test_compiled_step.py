@@ -165,7 +165,12 @@ def check_logits_match_eager(runner: ModelRunner) -> None:
             list(range(6)),
         ),
         ([6], [40], [[5, 6, 7]], list(range(6))),  # a verify step: 1 + 5 drafts
-        ([1, 6, 1, 9], [70, 31, 12, 8], [[1, 2, 3, 4, 5], [20, 21, 22], [30], [40]], [0, 6, 7, 16]),
+        (
+            [1, 6, 1, 9],
+            [70, 31, 12, 8],
+            [[1, 2, 3, 4, 5], [20, 21, 22], [30], [40, 41]],
+            [0, 6, 7, 16],
+        ),
         ([12], [0], [[55]], [11]),  # a short prompt: decode rows too
         ([20], [0], [[50, 51]], [19]),  # a whole prompt
         ([20], [16], [[50, 51, 52]], []),  # a chunk that samples nothing

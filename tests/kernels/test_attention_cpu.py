@@ -161,3 +161,40 @@ def test_eager_decodes_are_padded_only_to_alike_contexts() -> None:
         k_cache[page, offset], v_cache[page, offset] = k[i], v[i]
     expected = sdpa_over_pages(q, k_cache, v_cache, tables, lens, 0.125)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_prompts_are_padded_only_to_alike_lengths() -> None:
+    """The SDPA backend pads a group's queries and keys to its longest, so prompt chunks share a
+    call only with chunks whose query and key lengths are each within a factor of two: a
+    200-token chunk and a 180-token one together, a 5-token chunk at 300 tokens of context and a
+    9-token prompt apart from them and from each other. Every token still attends exactly to its
+    own context, as the paged backend's rows do."""
+    layer = PagedAttention(layer_index=0, num_heads=9, num_kv_heads=3, head_dim=64)
+    generator = torch.Generator().manual_seed(2)
+    cache = KVCache(
+        *(list(torch.randn(2, 120, PAGE_SIZE, 3, 64, generator=generator)) for _ in "kv")
+    )
+    query_lens, context_lens = [1, 200, 9, 180, 5], [30, 0, 4, 10, 300]
+    pages = [-(-(q + c) // PAGE_SIZE) for q, c in zip(query_lens, context_lens)]
+    firsts = [1 + sum(pages[:i]) for i in range(len(pages))]
+    tables = [list(range(first, first + n)) for first, n in zip(firsts, pages)]
+    q = torch.randn(sum(query_lens), 9, 64, generator=generator)
+    k, v = (torch.randn(sum(query_lens), 3, 64, generator=generator) for _ in range(2))
+    cpu, sdpa = torch.device("cpu"), SdpaBackend()
+    meta = sdpa.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
+    starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
+    groups = sorted(
+        sorted({starts.index(t) for t in g.token_index.tolist() if t in starts})
+        for g in meta.groups
+    )
+    assert groups == [[0], [1, 3], [2], [4]]
+    assert sorted(g.max_query_len for g in meta.groups) == [1, 5, 9, 200]
+    got = layer(q, k, v, ForwardContext(meta, KVCache(*map(_cloned, (cache.k, cache.v))), sdpa))
+    paged = PagedBackend(attention_cpu.available())
+    kernel = paged.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
+    expected = layer(q, k, v, ForwardContext(kernel, cache, paged))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _cloned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
