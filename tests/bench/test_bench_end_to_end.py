@@ -61,6 +61,32 @@ def test_latency() -> None:
     assert record["tpot_ms"] == pytest.approx(1000 / record["decode_tok_s"])
 
 
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_speculative(method: str) -> None:
+    """The code-edit prompt, whose answer copies from it: drafts are proposed and some accepted,
+    and the counts the record gives agree with each other."""
+    argv = ["speculative", "--workloads", "code_edit", "--output-len", "24", "--rounds", "1"]
+    record = run_bench(
+        *argv, "--speculative-method", method, "--num-speculative-tokens", "4", EAGER
+    )
+    assert (record["bench"], record["workload"], record["method"]) == (
+        "speculative",
+        "code_edit",
+        method,
+    )
+    assert (record["num_speculative_tokens"], record["rounds"], record["output_len"]) == (4, 1, 24)
+    drafts, proposed = record["spec_num_drafts"], record["spec_num_draft_tokens"]
+    accepted = record["spec_num_accepted_tokens"]
+    assert 0 < accepted <= proposed <= 4 * drafts
+    per_position = record["spec_accepted_per_position"]
+    assert len(per_position) == 4 and sum(per_position) == accepted
+    assert per_position == sorted(per_position, reverse=True)  # the i-th needs the ones before
+    assert record["spec_acceptance_rate"] == pytest.approx(accepted / proposed, abs=1e-4)
+    assert record["spec_mean_acceptance_length"] == pytest.approx(1 + accepted / drafts, abs=1e-4)
+    on, off = record["output_tok_s_on"], record["output_tok_s_off"]
+    assert record["speedup"] == pytest.approx(on / off, abs=2e-3)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("bench_serve") / "server.log")
