@@ -247,9 +247,10 @@ def _add_pd_mixed(kinds: argparse._SubParsersAction) -> None:
     )
     pd.add_argument(
         "--server-args",
-        default="--no-compile",
+        default="",
         help="more `sluice serve` arguments for every server, one string (--server-args='...'; "
-        "default: no torch.compile, which costs minutes per server)",
+        "the servers compile their steps as `sluice serve` does by default: the first start "
+        "takes a few minutes, later ones read inductor's cache; '--no-compile' for eager ones)",
     )
     pd.add_argument("--rounds", type=_POSITIVE, default=1, help="pd/colocated pairs, interleaved")
     pd.add_argument("--decode-concurrency", type=_POSITIVE, default=6, help="decodes in flight")
