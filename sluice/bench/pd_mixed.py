@@ -131,6 +131,7 @@ def _run_arm(
         **asdict(workload),
         "decode_concurrency": args.decode_concurrency,
         "arrival_interval_s": args.arrival_interval,
+        "server_args": args.server_args,
         "decodes_run": len(result.decodes),
         "completed": metrics.completed,
         "failed": metrics.failed,
