@@ -58,3 +58,38 @@ $S bench prefix-cache --contexts 2048,8192,32768 --output-file "$OUT/prefix_cach
 OMP_NUM_THREADS=1 $S bench speculative --threads 1 --quantization none --speculative-method draft \
   --draft-model self --rounds 1 --output-len 200 --workloads summary_quotes code_edit open_chat \
   --output-file "$OUT/spec_draft_self_int4.jsonl"
+
+# Issue #17: n-gram (k = 5) and suffix (k = 8) drafts off/on per workload, 32 streams, and what a
+# verify step of 1 + k rows costs against a one-row decode.
+export OMP_NUM_THREADS=2
+$S bench verify-step --threads 2 --output-file "$OUT/verify_step.jsonl"
+$S bench speculative --threads 2 --rounds 3 --output-len 200 --output-file "$OUT/spec_ngram.jsonl"
+$S bench speculative --threads 2 --rounds 3 --output-len 200 --speculative-method suffix \
+  --num-speculative-tokens 8 --output-file "$OUT/spec_suffix.jsonl"
+$S bench speculative --threads 2 --rounds 2 --output-len 64 --concurrency 32 \
+  --workloads summary_quotes open_chat --output-file "$OUT/spec_ngram_32.jsonl"
+
+# Issue #18: a 2k-token prompt's pages pulled over NIXL vs recomputed, and disaggregated vs
+# co-located servers behind vllm-router on steady decodes with long prompts arriving.
+export UCX_TLS=${UCX_TLS:-tcp}
+$S bench pd-transfer --prompt-lens 2048 --repeats 2 --threads 1 --output-file "$OUT/pd_transfer.jsonl"
+$S bench pd-mixed --rounds 2 --output-file "$OUT/pd_mixed.jsonl" --plot "$OUT/pd_mixed_itl.png" \
+  --log-dir "$OUT/pd_mixed_logs"
+
+# Issue #19: activation-sparse decoding, speed against perplexity.
+$S bench sparsity --threads 2 --cett 0.05,0.1,0.2 --rules threshold,predictor --predictor-rank 16 \
+  --calibration-tokens 2048 --search-tokens 512 --eval-tokens 2048 --rounds 3 --decode-tokens 64 \
+  --profiles "$OUT/sparsity_profiles" --plot "$OUT/sparsity_speed_ppl.png" --output-file "$OUT/sparsity.jsonl"
+
+# Issue #20: 2:4 + int4 checkpoints by each method, their accuracy, and the kernel against int4.
+for method in magnitude wanda sparsegpt; do
+  $S compress --method "$method" --quantize int4 --calibration-tokens 512 --threads 1 -o "$OUT/cmp/$method"
+  $S eval --threads 1 --max-tokens 1024 --max-items 52 --model "$OUT/cmp/$method" --output-file "$OUT/eval.jsonl"
+done
+$S eval --threads 1 --max-tokens 1024 --max-items 52 --output-file "$OUT/eval.jsonl"
+$S eval --threads 1 --max-tokens 1024 --max-items 52 --quantization none --output-file "$OUT/eval.jsonl"
+.venv/bin/python scripts/bench_sparse24_matmul.py --threads 1 --repeats 7 > "$OUT/sparse24_matmul.jsonl"
+
+# Issue #21: constrained vs unconstrained generation, and the grammar engines.
+$S bench structured --threads 2 --streams 1,32 --rounds 2 --output-file "$OUT/structured.jsonl"
+OMP_NUM_THREADS=1 .venv/bin/python scripts/compare_grammar_engines.py > "$OUT/grammar_engines.txt"
