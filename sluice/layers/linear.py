@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Literal
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.kernels import sparse24_int4_cpu
+from sluice.kernels import int4_cpu, sparse24_int4_cpu
 from sluice.layers.quant import (
     QUANTIZE_SLICE_ROWS,
     QType,
@@ -102,4 +103,18 @@ class Linear(nn.Module):
 
 
 def _runs_as_two_of_four(weight: torch.Tensor) -> bool:
-    return is_two_of_four(weight) and sparse24_int4_cpu.available()
+    if not (is_two_of_four(weight) and sparse24_int4_cpu.available()):
+        return False
+    if int4_cpu.available():
+        _warn_two_of_four_is_slower_here()
+    return True
+
+
+@functools.cache
+def _warn_two_of_four_is_slower_here() -> None:
+    # Once per process: the layers of one checkpoint would repeat it.
+    logger.warning(
+        "2:4 int4 weights run on sluice's AVX2 2:4 kernel, which on this CPU (AVX512-VNNI) "
+        "takes 5-7x the time of its int4 kernel per matmul (docs/benchmarks.md): here the "
+        "2:4 checkpoint is smaller than its dense int4 twin, not faster"
+    )
