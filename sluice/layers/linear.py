@@ -115,6 +115,6 @@ def _warn_two_of_four_is_slower_here() -> None:
     # Once per process: the layers of one checkpoint would repeat it.
     logger.warning(
         "2:4 int4 weights run on sluice's AVX2 2:4 kernel, which on this CPU (AVX512-VNNI) "
-        "takes 5-7x the time of its int4 kernel per matmul (docs/benchmarks.md): here the "
+        "takes 4-7x the time of its int4 kernel per matmul (docs/benchmarks.md): here the "
         "2:4 checkpoint is smaller than its dense int4 twin, not faster"
     )
