@@ -4,9 +4,9 @@ by every layer.
 `AttentionMetadata` describes any step for the eager attention: positions, the cache slot of each
 new token, and its requests in groups that share one call (decodes of alike context lengths,
 prompt chunks of alike lengths, each group padded to its longest, and in compiled steps the rows
-of the paged kernel).
-`DecodeMetadata` describes a step of short queries (decodes, and decodes with draft tokens to verify) as tensors only, one row per
-token, so a compiled graph can take it as an input.
+of the paged kernel). `DecodeMetadata` describes a step of short queries (decodes, and decodes
+with draft tokens to verify) as tensors only, one row per token, so a compiled graph can take
+it as an input.
 """
 
 from __future__ import annotations
@@ -169,15 +169,16 @@ def _alike(seqs: list[int], sizes: list[tuple[int, int]]) -> list[list[int]]:
     eager step 5-6x as long), as a 512-token chunk made a short prompt beside it compute 512
     queries. Requests alike stay in one call."""
     groups: list[list[int]] = []
-    low = high = (0, 0)
+    low = high = (0, 0)  # the last group's shortest and longest query and keys
     for seq in sorted(seqs, key=sizes.__getitem__):
         size = sizes[seq]
-        if groups:
-            low, high = tuple(map(min, low, size)), tuple(map(max, high, size))
-        if not groups or any(longest > 2 * shortest for shortest, longest in zip(low, high)):
-            groups.append([])
+        wider = tuple(map(min, low, size)), tuple(map(max, high, size))
+        if groups and all(longest <= 2 * shortest for shortest, longest in zip(*wider)):
+            groups[-1].append(seq)
+            low, high = wider
+        else:
+            groups.append([seq])
             low = high = size
-        groups[-1].append(seq)
     return [sorted(group) for group in groups]
 
 

@@ -182,19 +182,13 @@ def test_eager_prompts_are_padded_only_to_alike_lengths() -> None:
     k, v = (torch.randn(sum(query_lens), 3, 64, generator=generator) for _ in range(2))
     cpu, sdpa = torch.device("cpu"), SdpaBackend()
     meta = sdpa.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
-    starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
-    groups = sorted(
-        sorted({starts.index(t) for t in g.token_index.tolist() if t in starts})
-        for g in meta.groups
-    )
+    seq_of_token = torch.repeat_interleave(torch.arange(5), torch.tensor(query_lens))
+    groups = sorted(sorted(set(seq_of_token[g.token_index].tolist())) for g in meta.groups)
     assert groups == [[0], [1, 3], [2], [4]]
     assert sorted(g.max_query_len for g in meta.groups) == [1, 5, 9, 200]
-    got = layer(q, k, v, ForwardContext(meta, KVCache(*map(_cloned, (cache.k, cache.v))), sdpa))
+    copy = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
+    got = layer(q, k, v, ForwardContext(meta, copy, sdpa))
     paged = PagedBackend(attention_cpu.available())
     kernel = paged.build_metadata(query_lens, context_lens, tables, PAGE_SIZE, cpu)
     expected = layer(q, k, v, ForwardContext(kernel, cache, paged))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def _cloned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.clone() for t in tensors]

@@ -244,9 +244,9 @@ def test_avx2_kernel_for_any_number_of_rows(
     out_features: int, in_features: int, group_size: int
 ) -> None:
     """Blocks of 1-4 rows, alone and after full blocks of 4, each over as many tiles at a time
-    as it takes (4, 2, 1) with tiles left over, and wide M (a prefill chunk): x W^T of the dequantized weight to fp32 accuracy,
-    each row's result the same whatever rows are beside it; and it agrees with int4pack to
-    int4pack's bf16 rounding."""
+    as it takes (4, 2, 1) with tiles left over, and wide M (a prefill chunk): x W^T of the
+    dequantized weight to fp32 accuracy, each row's result the same whatever rows are beside
+    it; and it agrees with int4pack to int4pack's bf16 rounding."""
     skip_unless_runs("avx2")
     weight = torch.from_numpy(random_weight((out_features, in_features), seed=5))
     qw = quantize(weight, "int4", group_size, "avx2")
