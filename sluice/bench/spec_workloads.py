@@ -1,5 +1,10 @@
 """The fixed prompt set of `sluice bench speculative`: chat requests whose answers copy from
-their prompt to a different degree, and one open question whose answer copies nothing."""
+their prompt to a different degree, and one open question whose answer copies nothing.
+
+What an answer copies is the model's doing, so each prompt is chosen by what the default model
+(SmolLM2-135M-Instruct, greedy) answers: it returns the class of `code_edit` line for line (the
+copy-heavy code edit), while it rewrites `code_rename`'s longer function into a line or two of its
+own (an edit that copies little beyond the signature)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,30 @@ _INVENTORY = """def summarize_inventory(items, threshold):
     return "\\n".join(report)
 """
 
+_VECTOR_CLASS = """class Point:
+    def __init__(self, x, y):
+        self.x = x
+        self.y = y
+
+    def add(self, other):
+        return Point(self.x + other.x, self.y + other.y)
+
+    def subtract(self, other):
+        return Point(self.x - other.x, self.y - other.y)
+
+    def scale(self, factor):
+        return Point(self.x * factor, self.y * factor)
+
+    def dot(self, other):
+        return self.x * other.x + self.y * other.y
+
+    def length(self):
+        return (self.x ** 2 + self.y ** 2) ** 0.5
+
+    def __repr__(self):
+        return f"Point({self.x}, {self.y})"
+"""
+
 _PASSAGE = (
     "The lighthouse at Carrow Point was built in 1871 after three ships were lost on the reef in "
     "a single winter. Its first keeper, Margaret Hale, kept a log for thirty-one years, and in it "
@@ -35,8 +64,8 @@ _PASSAGE = (
 
 WORKLOADS: dict[str, str] = {
     "code_edit": (
-        "Add a docstring to this Python function and return the whole function, otherwise "
-        f"unchanged:\n\n```python\n{_INVENTORY}```"
+        "Add a docstring to this Python class and return the whole class, otherwise "
+        f"unchanged:\n\n```python\n{_VECTOR_CLASS}```"
     ),
     "code_rename": (
         "Rename the parameter `items` to `records` and the variable `totals` to `values` in "

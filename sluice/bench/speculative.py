@@ -1,11 +1,13 @@
 """`sluice bench speculative`: output tokens per second with and without speculative decoding
 on the fixed prompt set of `spec_workloads`, and how many drafts were accepted.
 
-One engine, set up for speculation, runs each workload both ways, alternating (off, on, off,
-on, ...) so that a noisy machine slows both alike; "off" is the same engine with the requests'
-`speculative=False`. Each prompt is run once before timing, so both ways find it in the
-prefix cache and the timings are of decoding; a workload's JSON line comes when it is done.
-Greedy, so both ways produce the same tokens.
+One engine, set up for speculation, runs each workload both ways, in rounds of one run each
+way (off then on, then on then off, ...) so that a noisy machine slows both alike; "off" is the
+same engine with the requests' `speculative=False`. `speedup` is of the totals; each round's own
+ratio is given too, with their median, which a burst of load on a shared machine moves least.
+Each prompt is run once before timing, so both ways find it in the prefix cache and the timings
+are of decoding; a workload's JSON line comes when it is done. Greedy, so both ways produce the
+same tokens.
 
 Before each speculative run the proposer forgets what finished requests taught it (suffix
 decoding's global tree): otherwise the warm-up's and the earlier runs' answers to the very same
@@ -16,6 +18,7 @@ a prompt seen for the first time.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -55,6 +58,7 @@ class _Workload:
     off: _Timing = field(default_factory=_Timing)
     on: _Timing = field(default_factory=_Timing)
     stats: SpecStats = field(default_factory=SpecStats)
+    round_speedups: list[float] = field(default_factory=list)
 
 
 def _run(llm: LLM, prompt: list[int], args: argparse.Namespace, speculative: bool) -> _Timing:
@@ -65,15 +69,21 @@ def _run(llm: LLM, prompt: list[int], args: argparse.Namespace, speculative: boo
     return _Timing(sum(len(r.outputs[0].token_ids) for r in results), seconds, cpu_seconds)
 
 
-def _measure(llm: LLM, workload: _Workload, args: argparse.Namespace) -> None:
-    for speculative in (False, True):
+def _measure(
+    llm: LLM, workload: _Workload, args: argparse.Namespace, speculative_first: bool
+) -> None:
+    """One round: a run each way."""
+    timings = {}
+    for speculative in (speculative_first, not speculative_first):
         if speculative and not args.keep_outputs:
             llm.engine.proposer.forget_outputs()
         before = llm.engine.scheduler.spec_stats.snapshot()
-        timing = _run(llm, workload.prompt, args, speculative)
-        (workload.on if speculative else workload.off).add(timing)
+        timings[speculative] = _run(llm, workload.prompt, args, speculative)
         drafted = llm.engine.scheduler.spec_stats.since(before)
         workload.stats.record_all(drafted)
+    workload.off.add(timings[False])
+    workload.on.add(timings[True])
+    workload.round_speedups.append(timings[True].tok_s / timings[False].tok_s)
 
 
 def _draft_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -91,8 +101,8 @@ def main(args: argparse.Namespace) -> int:
     }
     for name, workload in workloads.items():
         _run(llm, workload.prompt, args, speculative=True)  # warm up; cache the prompt
-        for _ in range(args.rounds):
-            _measure(llm, workload, args)
+        for index in range(args.rounds):
+            _measure(llm, workload, args, speculative_first=index % 2 == 1)
         record = {
             **record_header("speculative", "sluice", args),
             "workload": name,
@@ -106,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
             "output_tok_s_off": round(workload.off.tok_s, 2),
             "output_tok_s_on": round(workload.on.tok_s, 2),
             "speedup": round(workload.on.tok_s / workload.off.tok_s, 3),
+            "speedup_median": round(statistics.median(workload.round_speedups), 3),
+            "speedup_rounds": [round(ratio, 3) for ratio in workload.round_speedups],
             "output_tok_per_cpu_s_off": round(workload.off.tok_per_cpu_s, 2),
             "output_tok_per_cpu_s_on": round(workload.on.tok_per_cpu_s, 2),
             "cpu_speedup": round(workload.on.tok_per_cpu_s / workload.off.tok_per_cpu_s, 3),
