@@ -59,15 +59,18 @@ OMP_NUM_THREADS=1 $S bench speculative --threads 1 --quantization none --specula
   --draft-model self --rounds 1 --output-len 200 --workloads summary_quotes code_edit open_chat \
   --output-file "$OUT/spec_draft_self_int4.jsonl"
 
-# Issue #17: n-gram (k = 5) and suffix (k = 8) drafts off/on per workload, 32 streams, and what a
-# verify step of 1 + k rows costs against a one-row decode.
+# Issue #17: n-gram (k = 5, 8) and suffix (k = 8, 12) drafts off/on per workload, 32 streams, and
+# what a verify step of 1 + k rows costs against a one-row decode.
 export OMP_NUM_THREADS=2
 $S bench verify-step --threads 2 --output-file "$OUT/verify_step.jsonl"
-$S bench speculative --threads 2 --rounds 3 --output-len 200 --output-file "$OUT/spec_ngram.jsonl"
-$S bench speculative --threads 2 --rounds 3 --output-len 200 --speculative-method suffix \
-  --num-speculative-tokens 8 --output-file "$OUT/spec_suffix.jsonl"
-$S bench speculative --threads 2 --rounds 2 --output-len 64 --concurrency 32 \
-  --workloads summary_quotes open_chat --output-file "$OUT/spec_ngram_32.jsonl"
+for method_k in "ngram 5" "ngram 8" "suffix 8" "suffix 12"; do
+  read -r method k <<< "$method_k"
+  $S bench speculative --threads 2 --rounds 7 --output-len 200 --speculative-method "$method" \
+    --num-speculative-tokens "$k" --output-file "$OUT/spec_${method}_$k.jsonl"
+done
+$S bench speculative --threads 2 --rounds 3 --output-len 64 --concurrency 32 \
+  --workloads code_edit open_chat --speculative-method suffix --num-speculative-tokens 12 \
+  --output-file "$OUT/spec_suffix_32.jsonl"
 
 # Issue #18: a 2k-token prompt's pages pulled over NIXL vs recomputed, and disaggregated vs
 # co-located servers behind vllm-router on steady decodes with long prompts arriving.
