@@ -102,7 +102,10 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
         "--draft-model); default off",
     )
     group.add_argument(
-        "--num-speculative-tokens", type=int, default=5, help="most draft tokens per step (k)"
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="most draft tokens per step (k; default 5, 12 for suffix)",
     )
     group.add_argument(
         "--draft-model",

@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
             "workload": name,
             "method": args.speculative_method,
             **_draft_settings(args),
-            "num_speculative_tokens": args.num_speculative_tokens,
+            "num_speculative_tokens": llm.engine.config.speculative.num_speculative_tokens,
             "concurrency": args.concurrency,
             "output_len": args.output_len,
             "rounds": args.rounds,

@@ -113,3 +113,17 @@ def test_suffix_forget_outputs_keeps_each_request_s_own_tree():
 def test_bad_settings_are_named(settings, error):
     with pytest.raises(ValueError, match=error):
         SpeculativeConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "settings, k",
+    [
+        ({"method": "ngram"}, 5),
+        ({"method": "suffix"}, 12),
+        ({"method": "draft", "draft_model": "self"}, 5),
+        ({"method": "suffix", "num_speculative_tokens": 3}, 3),
+        ({}, 5),
+    ],
+)
+def test_k_defaults_per_method_unless_given(settings, k):
+    assert SpeculativeConfig(**settings).num_speculative_tokens == k
