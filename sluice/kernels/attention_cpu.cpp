@@ -4,8 +4,9 @@
 // itself (the engine gives each its sequence's page table and its own length).
 //
 // Threads take rows one at a time. Per row: the scores of every head for every context token
-// (dot products of 16-lane vectors), an exact softmax (max, exp, sum) and the probability-
-// weighted sum of the values. A row's result depends on its own pages and length only, never on
+// (dot products of 16-lane vectors, 16 tokens' folded into one vector together), an exact softmax
+// (max, exp, sum) and the probability-weighted sum of the values. A half-precision cache's keys
+// and values are widened once for all the query heads that share their KV head. A row's result depends on its own pages and length only, never on
 // the rows around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -83,43 +85,122 @@ void softmax(float* s, int64_t len) {
   for (int64_t t = 0; t < len; ++t) s[t] *= inverse;
 }
 
-// One sequence (VECTORS = head dim / 16): the scores of every head, read token by token in the
-// order the pages hold them (the values are prefetched meanwhile), then per head the softmax and
-// the weighted values.
-template <typename T, int VECTORS>
-void attend(const Problem& p, const T* keys, const T* values, int64_t b,
-            std::vector<float>& scores) {
-  const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
-  const int64_t token_bytes = p.kv_heads * p.dim * sizeof(T);
-  const float* q = p.q + b * p.heads * p.dim;
-  scores.resize(p.heads * len);
-  for_each_token(p, keys, b, [&](int64_t t, const T* k) {
-    const char* value = reinterpret_cast<const char*>(k - keys + values);
-    for (int64_t byte = 0; byte < token_bytes; byte += 64) _mm_prefetch(value + byte, _MM_HINT_T1);
-    for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
-      __m512 key[VECTORS];
-      for (int v = 0; v < VECTORS; ++v) key[v] = load16(k + kv_head * p.dim + v * kLanes);
-      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(q + h * p.dim), key[0]);
-        for (int v = 1; v < VECTORS; ++v)
-          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * p.dim + v * kLanes), key[v], dot);
-        scores[h * len + t] = _mm512_reduce_add_ps(dot) * p.scale;
-      }
+// The sums of 16 vectors' lanes, sum j in lane j: pairs, then quads, are folded within each
+// 128-bit quarter, then the quarters are added across; 30 shuffles for 16 sums, where reducing
+// each vector alone takes 4 apiece and a chain of 4 dependent adds.
+__m512 sum16(const __m512 (&v)[kLanes]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per quarter: [a, b, a, b] for a = v[2i], b = v[2i + 1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per quarter: [a, b, c, d] of v[4i .. 4i + 3]
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+  // quarters (0 + 1, 2 + 3) of quads 0 and 1, and of 2 and 3; then their halves added
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, 0x88), _mm512_shuffle_f32x4(low, high, 0xDD));
+}
+
+// One head's scores for `count` (1-16) consecutive tokens, their keys `stride` floats apart from
+// `keys`; past `count` the last token is scored again and not stored.
+template <int VECTORS>
+void score_tokens(const float* q, const float* keys, int64_t stride, int64_t count, float scale,
+                  float* scores) {
+  __m512 query[VECTORS];
+  for (int v = 0; v < VECTORS; ++v) query[v] = _mm512_loadu_ps(q + v * kLanes);
+  __m512 dots[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const float* k = keys + std::min(j, count - 1) * stride;
+    dots[j] = _mm512_mul_ps(query[0], _mm512_loadu_ps(k));
+    for (int v = 1; v < VECTORS; ++v)
+      dots[j] = _mm512_fmadd_ps(query[v], _mm512_loadu_ps(k + v * kLanes), dots[j]);
+  }
+  const __mmask16 live = count >= kLanes ? 0xFFFF : (1u << count) - 1;
+  _mm512_mask_storeu_ps(scores, live, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+}
+
+// `count` tokens' rows of one KV head (`dim` values each, `stride` apart) as float32 rows, dim
+// apart: a half-precision cache is widened once for all the heads that share the KV head.
+template <typename T>
+const float* widened(const T* rows, int64_t count, int64_t dim, int64_t stride,
+                     std::vector<float>& to, int64_t& to_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    to_stride = stride;
+    return rows;
+  } else {
+    to.resize(count * dim);
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t d = 0; d < dim; d += kLanes)
+        _mm512_storeu_ps(to.data() + j * dim + d, load16(rows + j * stride + d));
+    to_stride = dim;
+    return to.data();
+  }
+}
+
+// HEADS heads of one KV head (from `head`): the probability-weighted sum of the values, each
+// value widened once for all of them.
+template <typename T, int VECTORS, int HEADS>
+void weigh_values(const Problem& p, const T* values, int64_t b, int64_t head, const float* probs,
+                  int64_t len, float* out) {
+  const int64_t offset = head / (p.heads / p.kv_heads) * p.dim;
+  __m512 acc[HEADS][VECTORS];
+  for (int h = 0; h < HEADS; ++h)
+    for (int v = 0; v < VECTORS; ++v) acc[h][v] = _mm512_setzero_ps();
+  for_each_token(p, values, b, [&](int64_t t, const T* value) {
+    __m512 row[VECTORS];
+    for (int v = 0; v < VECTORS; ++v) row[v] = load16(value + offset + v * kLanes);
+    for (int h = 0; h < HEADS; ++h) {
+      const __m512 weight = _mm512_set1_ps(probs[h * len + t]);
+      for (int v = 0; v < VECTORS; ++v) acc[h][v] = _mm512_fmadd_ps(weight, row[v], acc[h][v]);
     }
   });
-  for (int64_t h = 0; h < p.heads; ++h) {
-    float* probs = scores.data() + h * len;
-    softmax(probs, len);
-    const int64_t offset = h / group * p.dim;
-    __m512 acc[VECTORS];
-    for (int v = 0; v < VECTORS; ++v) acc[v] = _mm512_setzero_ps();
-    for_each_token(p, values, b, [&](int64_t t, const T* value) {
-      const __m512 weight = _mm512_set1_ps(probs[t]);
-      for (int v = 0; v < VECTORS; ++v)
-        acc[v] = _mm512_fmadd_ps(weight, load16(value + offset + v * kLanes), acc[v]);
-    });
-    float* out = p.out + (b * p.heads + h) * p.dim;
-    for (int v = 0; v < VECTORS; ++v) _mm512_storeu_ps(out + v * kLanes, acc[v]);
+  for (int h = 0; h < HEADS; ++h)
+    for (int v = 0; v < VECTORS; ++v) _mm512_storeu_ps(out + h * p.dim + v * kLanes, acc[h][v]);
+}
+
+// One sequence (VECTORS = head dim / 16): the scores of every head, 16 tokens at a time in the
+// order the pages hold them (their values are prefetched meanwhile), each head's softmax, then
+// the weighted values, the heads of a KV head together (as many as keep their sums in registers).
+template <typename T, int VECTORS>
+void attend(const Problem& p, const T* keys, const T* values, int64_t b,
+            std::vector<float>& scores, std::vector<float>& rows) {
+  const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
+  const int64_t token_stride = p.kv_heads * p.dim, page_stride = p.page_size * token_stride;
+  const float* q = p.q + b * p.heads * p.dim;
+  const int64_t* table = p.tables + b * p.table_stride;
+  scores.resize(p.heads * len);
+  for (int64_t t0 = 0, count; t0 < len; t0 += count) {  // blocks end at a page's end too
+    const int64_t at = table[t0 / p.page_size] * page_stride + t0 % p.page_size * token_stride;
+    count = std::min({kLanes, len - t0, p.page_size - t0 % p.page_size});
+    const char* value = reinterpret_cast<const char*>(values + at);
+    for (int64_t byte = 0; byte < count * token_stride * int64_t(sizeof(T)); byte += 64)
+      _mm_prefetch(value + byte, _MM_HINT_T1);
+    for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+      int64_t stride;
+      const float* k =
+          widened(keys + at + kv_head * p.dim, count, p.dim, token_stride, rows, stride);
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
+        score_tokens<VECTORS>(q + h * p.dim, k, stride, count, p.scale,
+                              scores.data() + h * len + t0);
+    }
+  }
+  for (int64_t h = 0; h < p.heads; ++h) softmax(scores.data() + h * len, len);
+  // at most 4 heads (the cases below) and 16 accumulators
+  constexpr int64_t kMostHeads = std::clamp(16 / VECTORS, 1, 4);
+  float* out = p.out + b * p.heads * p.dim;
+  for (int64_t h = 0; h < p.heads;) {
+    const int64_t heads = std::min(kMostHeads, (h / group + 1) * group - h);
+    const float* probs = scores.data() + h * len;
+    switch (heads) {
+      case 1: weigh_values<T, VECTORS, 1>(p, values, b, h, probs, len, out + h * p.dim); break;
+      case 2: weigh_values<T, VECTORS, 2>(p, values, b, h, probs, len, out + h * p.dim); break;
+      case 3: weigh_values<T, VECTORS, 3>(p, values, b, h, probs, len, out + h * p.dim); break;
+      case 4: weigh_values<T, VECTORS, 4>(p, values, b, h, probs, len, out + h * p.dim); break;
+    }
+    h += heads;
   }
 }
 
@@ -130,9 +211,9 @@ void attend_all(const Problem& p, const T* keys, const T* values, int64_t seqs) 
   std::atomic<int64_t> taken{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), seqs);  // a lone row: inline
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores;
+    std::vector<float> scores, rows;
     for (int64_t next = taken++; next < seqs; next = taken++)
-      attend<T, VECTORS>(p, keys, values, seqs - 1 - next, scores);
+      attend<T, VECTORS>(p, keys, values, seqs - 1 - next, scores, rows);
   });
 }
 
