@@ -26,7 +26,7 @@ _INVENTORY = """def summarize_inventory(items, threshold):
     return "\\n".join(report)
 """
 
-_VECTOR_CLASS = """class Point:
+_POINT_CLASS = """class Point:
     def __init__(self, x, y):
         self.x = x
         self.y = y
@@ -65,7 +65,7 @@ _PASSAGE = (
 WORKLOADS: dict[str, str] = {
     "code_edit": (
         "Add a docstring to this Python class and return the whole class, otherwise "
-        f"unchanged:\n\n```python\n{_VECTOR_CLASS}```"
+        f"unchanged:\n\n```python\n{_POINT_CLASS}```"
     ),
     "code_rename": (
         "Rename the parameter `items` to `records` and the variable `totals` to `values` in "
