@@ -71,8 +71,12 @@ void for_each_token(const Problem& p, const T* cache, int64_t b, Visit visit) {
 
 // Softmax of one head's scores in place.
 void softmax(float* s, int64_t len) {
-  float largest = -INFINITY;
-  for (int64_t t = 0; t < len; ++t) largest = std::max(largest, s[t]);
+  __m512 most = _mm512_set1_ps(-INFINITY);  // by hand: the compiler keeps a max loop scalar
+  for (int64_t t = 0; t < len; t += kLanes) {
+    const __mmask16 live = len - t >= kLanes ? 0xFFFF : (1u << (len - t)) - 1;
+    most = _mm512_mask_max_ps(most, live, most, _mm512_maskz_loadu_ps(live, s + t));
+  }
+  const float largest = _mm512_reduce_max_ps(most);
   __m512 total = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; t += kLanes) {
     const __mmask16 live = len - t >= kLanes ? 0xFFFF : (1u << (len - t)) - 1;
