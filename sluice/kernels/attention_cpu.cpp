@@ -3,10 +3,12 @@
 // is a decoding sequence's new token, or a token of a prompt's chunk with the context up to
 // itself (the engine gives each its sequence's page table and its own length).
 //
-// Threads take rows one at a time. Per row: the scores of every head for every context token
-// (dot products of 16-lane vectors, 16 tokens' folded into one vector together), an exact softmax
-// (max, exp, sum) and the probability-weighted sum of the values. A half-precision cache's keys
-// and values are widened once for all the query heads that share their KV head. A row's result depends on its own pages and length only, never on
+// Threads take spans of rows one at a time: a row alone, or consecutive rows of one sequence
+// (a verify step's, a prompt chunk's), whose keys are read and widened once for them all. Per
+// row: the scores of every head for every context token (dot products of 16-lane vectors, 16
+// tokens' folded into one vector together), an exact softmax (max, exp, sum) and the
+// probability-weighted sum of the values. A half-precision cache's keys and values are widened
+// once for all the query heads that share their KV head. A row's result depends on its own pages and length only, never on
 // the rows around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -165,20 +167,25 @@ void weigh_values(const Problem& p, const T* values, int64_t b, int64_t head, co
     for (int v = 0; v < VECTORS; ++v) _mm512_storeu_ps(out + h * p.dim + v * kLanes, acc[h][v]);
 }
 
-// One sequence (VECTORS = head dim / 16): the scores of every head, 16 tokens at a time in the
-// order the pages hold them (their values are prefetched meanwhile), each head's softmax, then
-// the weighted values, the heads of a KV head together (as many as keep their sums in registers).
+// Consecutive rows of one sequence, each one token longer than the one before (a verify step's
+// tokens, a prompt chunk's): they read the same pages, so their keys are read and widened once.
+struct Span {
+  int64_t first, rows;
+};
+
+// The span's rows' scores [row][head][its length] from `scores`, 16 tokens at a time in the
+// order the pages hold them (their values are prefetched meanwhile). Block for block each row's
+// scores are those it would get alone.
 template <typename T, int VECTORS>
-void attend(const Problem& p, const T* keys, const T* values, int64_t b,
-            std::vector<float>& scores, std::vector<float>& rows) {
-  const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
+void score_span(const Problem& p, const T* keys, const T* values, Span span,
+                std::vector<float>& scores, std::vector<float>& rows) {
+  const int64_t group = p.heads / p.kv_heads, first_len = p.lens[span.first];
+  const int64_t longest = first_len + span.rows - 1;
   const int64_t token_stride = p.kv_heads * p.dim, page_stride = p.page_size * token_stride;
-  const float* q = p.q + b * p.heads * p.dim;
-  const int64_t* table = p.tables + b * p.table_stride;
-  scores.resize(p.heads * len);
-  for (int64_t t0 = 0, count; t0 < len; t0 += count) {  // blocks end at a page's end too
+  const int64_t* table = p.tables + span.first * p.table_stride;
+  for (int64_t t0 = 0, count; t0 < longest; t0 += count) {  // blocks end at a page's end too
     const int64_t at = table[t0 / p.page_size] * page_stride + t0 % p.page_size * token_stride;
-    count = std::min({kLanes, len - t0, p.page_size - t0 % p.page_size});
+    count = std::min({kLanes, longest - t0, p.page_size - t0 % p.page_size});
     const char* value = reinterpret_cast<const char*>(values + at);
     for (int64_t byte = 0; byte < count * token_stride * int64_t(sizeof(T)); byte += 64)
       _mm_prefetch(value + byte, _MM_HINT_T1);
@@ -186,18 +193,32 @@ void attend(const Problem& p, const T* keys, const T* values, int64_t b,
       int64_t stride;
       const float* k =
           widened(keys + at + kv_head * p.dim, count, p.dim, token_stride, rows, stride);
-      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
-        score_tokens<VECTORS>(q + h * p.dim, k, stride, count, p.scale,
-                              scores.data() + h * len + t0);
+      // rows too short for this block (only the first ones can be) are skipped
+      const int64_t r0 = std::max<int64_t>(0, t0 + 1 - first_len);
+      float* row_scores = scores.data() + p.heads * (r0 * first_len + r0 * (r0 - 1) / 2);
+      for (int64_t r = r0; r < span.rows; ++r) {
+        const int64_t len = first_len + r, b = span.first + r, live = std::min(count, len - t0);
+        for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
+          score_tokens<VECTORS>(p.q + (b * p.heads + h) * p.dim, k, stride, live, p.scale,
+                                row_scores + h * len + t0);
+        row_scores += p.heads * len;
+      }
     }
   }
-  for (int64_t h = 0; h < p.heads; ++h) softmax(scores.data() + h * len, len);
+}
+
+// One row's output from its scores [head][len]: each head's softmax, then the weighted values,
+// the heads of a KV head together (as many as keep their sums in registers).
+template <typename T, int VECTORS>
+void weigh_row(const Problem& p, const T* values, int64_t b, float* scores) {
+  const int64_t group = p.heads / p.kv_heads, len = p.lens[b];
+  for (int64_t h = 0; h < p.heads; ++h) softmax(scores + h * len, len);
   // at most 4 heads (the cases below) and 16 accumulators
   constexpr int64_t kMostHeads = std::clamp(16 / VECTORS, 1, 4);
   float* out = p.out + b * p.heads * p.dim;
   for (int64_t h = 0; h < p.heads;) {
     const int64_t heads = std::min(kMostHeads, (h / group + 1) * group - h);
-    const float* probs = scores.data() + h * len;
+    const float* probs = scores + h * len;
     switch (heads) {
       case 1: weigh_values<T, VECTORS, 1>(p, values, b, h, probs, len, out + h * p.dim); break;
       case 2: weigh_values<T, VECTORS, 2>(p, values, b, h, probs, len, out + h * p.dim); break;
@@ -208,16 +229,52 @@ void attend(const Problem& p, const T* keys, const T* values, int64_t b,
   }
 }
 
-// Rows differ in length (a prompt's tokens attend to ever more of it), so threads take rows one
+// One span (VECTORS = head dim / 16): every row's scores, then each row's output.
+template <typename T, int VECTORS>
+void attend(const Problem& p, const T* keys, const T* values, Span span,
+            std::vector<float>& scores, std::vector<float>& rows) {
+  const int64_t first_len = p.lens[span.first];
+  scores.resize(p.heads * (span.rows * first_len + span.rows * (span.rows - 1) / 2));
+  score_span<T, VECTORS>(p, keys, values, span, scores, rows);
+  float* row_scores = scores.data();
+  for (int64_t r = 0; r < span.rows; ++r) {
+    weigh_row<T, VECTORS>(p, values, span.first + r, row_scores);
+    row_scores += p.heads * (first_len + r);
+  }
+}
+
+bool continues(const Problem& p, int64_t b) {
+  const int64_t len = p.lens[b];
+  if (len != p.lens[b - 1] + 1) return false;
+  const int64_t* table = p.tables + b * p.table_stride;
+  return std::equal(table, table + (len + p.page_size - 1) / p.page_size, table - p.table_stride);
+}
+
+// Runs of rows that continue one another, each cut into as many spans as there are threads (so
+// that a lone sequence's verify rows still spread over them), at most 8 rows a span.
+std::vector<Span> spans_of(const Problem& p, int64_t seqs, int64_t threads) {
+  std::vector<Span> spans;
+  for (int64_t first = 0, end; first < seqs; first = end) {
+    for (end = first + 1; end < seqs && continues(p, end); ++end) {
+    }
+    const int64_t size = std::min<int64_t>(8, (end - first + threads - 1) / threads);
+    for (int64_t at = first; at < end; at += size) spans.push_back({at, std::min(size, end - at)});
+  }
+  return spans;
+}
+
+// Rows differ in length (a prompt's tokens attend to ever more of it), so threads take spans one
 // at a time, longest (last) first, rather than equal shares.
 template <typename T, int VECTORS>
 void attend_all(const Problem& p, const T* keys, const T* values, int64_t seqs) {
+  const std::vector<Span> spans = spans_of(p, seqs, at::get_num_threads());
+  const int64_t count = spans.size();
   std::atomic<int64_t> taken{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), seqs);  // a lone row: inline
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);  // a lone span: inline
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> scores, rows;
-    for (int64_t next = taken++; next < seqs; next = taken++)
-      attend<T, VECTORS>(p, keys, values, seqs - 1 - next, scores, rows);
+    for (int64_t next = taken++; next < count; next = taken++)
+      attend<T, VECTORS>(p, keys, values, spans[count - 1 - next], scores, rows);
   });
 }
 

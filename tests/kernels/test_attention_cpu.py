@@ -77,6 +77,32 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch() -> None:
 
 
 @native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_of_one_sequence_share_reads_and_keep_their_bits(threads: int) -> None:
+    """A verify step's or a prompt chunk's rows (one sequence, each a token longer than the one
+    before: read together, in spans) beside a lone decode and a second run of rows: each row
+    gets the bits it gets alone, and what SDPA gives."""
+    _, k_cache, v_cache, tables, _ = make_case([5, 302, 42], 9, 3, 64, torch.float16)
+    lens = [5, *range(290, 303), 40, 41, 42]  # 13 rows cross page ends and a partial block
+    tables = tables[[0] + [1] * 13 + [2] * 3]
+    kv_lens = torch.tensor(lens)
+    q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = attention_cpu.paged_decode(q, k_cache, v_cache, tables, kv_lens, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    for i in range(len(lens)):
+        alone = attention_cpu.paged_decode(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], kv_lens[i : i + 1], 0.125
+        )
+        assert torch.equal(alone, batch[i : i + 1]), i
+    reference = sdpa_over_pages(q, k_cache, v_cache, tables, kv_lens, 0.125)
+    torch.testing.assert_close(batch, reference, atol=1e-5, rtol=1e-5)
+
+
+@native
 def test_bfloat16_queries_are_widened() -> None:
     q, *rest = make_case([40, 9], 9, 3, 64, torch.bfloat16)
     got = attention_cpu.paged_decode(q.bfloat16(), *rest, 0.125)
