@@ -182,7 +182,8 @@ void score_span(const Problem& p, const T* keys, const T* values, Span span,
   const int64_t group = p.heads / p.kv_heads, first_len = p.lens[span.first];
   const int64_t longest = first_len + span.rows - 1;
   const int64_t token_stride = p.kv_heads * p.dim, page_stride = p.page_size * token_stride;
-  const int64_t* table = p.tables + span.first * p.table_stride;
+  // the longest row's table: each row's own agrees with it on every page that row reads
+  const int64_t* table = p.tables + (span.first + span.rows - 1) * p.table_stride;
   for (int64_t t0 = 0, count; t0 < longest; t0 += count) {  // blocks end at a page's end too
     const int64_t at = table[t0 / p.page_size] * page_stride + t0 % p.page_size * token_stride;
     count = std::min({kLanes, longest - t0, p.page_size - t0 % p.page_size});
