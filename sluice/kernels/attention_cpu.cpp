@@ -71,17 +71,20 @@ void for_each_token(const Problem& p, const T* cache, int64_t b, Visit visit) {
   }
 }
 
+// The first min(n, 16) lanes.
+__mmask16 first_lanes(int64_t n) { return n >= kLanes ? 0xFFFF : (1u << n) - 1; }
+
 // Softmax of one head's scores in place.
 void softmax(float* s, int64_t len) {
   __m512 most = _mm512_set1_ps(-INFINITY);  // by hand: the compiler keeps a max loop scalar
   for (int64_t t = 0; t < len; t += kLanes) {
-    const __mmask16 live = len - t >= kLanes ? 0xFFFF : (1u << (len - t)) - 1;
+    const __mmask16 live = first_lanes(len - t);
     most = _mm512_mask_max_ps(most, live, most, _mm512_maskz_loadu_ps(live, s + t));
   }
   const float largest = _mm512_reduce_max_ps(most);
   __m512 total = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; t += kLanes) {
-    const __mmask16 live = len - t >= kLanes ? 0xFFFF : (1u << (len - t)) - 1;
+    const __mmask16 live = first_lanes(len - t);
     __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), _mm512_set1_ps(largest)));
     e = _mm512_maskz_mov_ps(live, e);
     _mm512_mask_storeu_ps(s + t, live, e);
@@ -124,8 +127,8 @@ void score_tokens(const float* q, const float* keys, int64_t stride, int64_t cou
     for (int v = 1; v < VECTORS; ++v)
       dots[j] = _mm512_fmadd_ps(query[v], _mm512_loadu_ps(k + v * kLanes), dots[j]);
   }
-  const __mmask16 live = count >= kLanes ? 0xFFFF : (1u << count) - 1;
-  _mm512_mask_storeu_ps(scores, live, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+  _mm512_mask_storeu_ps(scores, first_lanes(count),
+                        _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
 }
 
 // `count` tokens' rows of one KV head (`dim` values each, `stride` apart) as float32 rows, dim
