@@ -3,8 +3,9 @@
 Every layer writes the step's K/V into its pages through the slot mapping, gathers each request's
 context through its page table and runs SDPA over queries padded per request. Requests share a
 call only with requests whose query and key lengths are each within a factor of two
-(`AttentionMetadata`), so neither a long chunk nor a long context pads the short ones. The pools may hold a narrower dtype than the queries (a 16-bit cache for an fp32
-model): keys and values are widened as they are read.
+(`AttentionMetadata`), so neither a long chunk nor a long context pads the short ones. The pools
+may hold a narrower dtype than the queries (a 16-bit cache for an fp32 model): keys and values
+are widened as they are read.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 // row: the scores of every head for every context token (dot products of 16-lane vectors, 16
 // tokens' folded into one vector together), an exact softmax (max, exp, sum) and the
 // probability-weighted sum of the values. A half-precision cache's keys and values are widened
-// once for all the query heads that share their KV head. A row's result depends on its own pages and length only, never on
-// the rows around it.
+// once for all the query heads that share their KV head. A row's result depends on its own pages
+// and length only, never on the rows around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -176,6 +176,12 @@ struct Span {
   int64_t first, rows;
 };
 
+// Where row r of a span whose first row has `first_len` tokens starts in the span's scores
+// ([row][head][its length]): after the rows before it, each a token longer than the last.
+int64_t scores_before(int64_t heads, int64_t first_len, int64_t r) {
+  return heads * (r * first_len + r * (r - 1) / 2);
+}
+
 // The span's rows' scores [row][head][its length] from `scores`, 16 tokens at a time in the
 // order the pages hold them (their values are prefetched meanwhile). Block for block each row's
 // scores are those it would get alone.
@@ -199,13 +205,12 @@ void score_span(const Problem& p, const T* keys, const T* values, Span span,
           widened(keys + at + kv_head * p.dim, count, p.dim, token_stride, rows, stride);
       // rows too short for this block (only the first ones can be) are skipped
       const int64_t r0 = std::max<int64_t>(0, t0 + 1 - first_len);
-      float* row_scores = scores.data() + p.heads * (r0 * first_len + r0 * (r0 - 1) / 2);
       for (int64_t r = r0; r < span.rows; ++r) {
         const int64_t len = first_len + r, b = span.first + r, live = std::min(count, len - t0);
+        float* row_scores = scores.data() + scores_before(p.heads, first_len, r);
         for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
           score_tokens<VECTORS>(p.q + (b * p.heads + h) * p.dim, k, stride, live, p.scale,
                                 row_scores + h * len + t0);
-        row_scores += p.heads * len;
       }
     }
   }
@@ -238,15 +243,15 @@ template <typename T, int VECTORS>
 void attend(const Problem& p, const T* keys, const T* values, Span span,
             std::vector<float>& scores, std::vector<float>& rows) {
   const int64_t first_len = p.lens[span.first];
-  scores.resize(p.heads * (span.rows * first_len + span.rows * (span.rows - 1) / 2));
+  scores.resize(scores_before(p.heads, first_len, span.rows));
   score_span<T, VECTORS>(p, keys, values, span, scores, rows);
-  float* row_scores = scores.data();
-  for (int64_t r = 0; r < span.rows; ++r) {
-    weigh_row<T, VECTORS>(p, values, span.first + r, row_scores);
-    row_scores += p.heads * (first_len + r);
-  }
+  for (int64_t r = 0; r < span.rows; ++r)
+    weigh_row<T, VECTORS>(p, values, span.first + r,
+                          scores.data() + scores_before(p.heads, first_len, r));
 }
 
+// Whether row b is row b - 1's sequence one token further: a token longer, and the same pages
+// for all it reads.
 bool continues(const Problem& p, int64_t b) {
   const int64_t len = p.lens[b];
   if (len != p.lens[b - 1] + 1) return false;
@@ -259,8 +264,8 @@ bool continues(const Problem& p, int64_t b) {
 std::vector<Span> spans_of(const Problem& p, int64_t seqs, int64_t threads) {
   std::vector<Span> spans;
   for (int64_t first = 0, end; first < seqs; first = end) {
-    for (end = first + 1; end < seqs && continues(p, end); ++end) {
-    }
+    end = first + 1;
+    while (end < seqs && continues(p, end)) ++end;
     const int64_t size = std::min<int64_t>(8, (end - first + threads - 1) / threads);
     for (int64_t at = first; at < end; at += size) spans.push_back({at, std::min(size, end - at)});
   }
